@@ -1,0 +1,93 @@
+"""The training state and its sharded initialisation.
+
+State = (step, params, opt_state). Its shardings come from the parameters' logical axes; the
+optimizer state inherits them leaf by leaf (`partitioning.derived_state_axes`), so FSDP splits
+Adam moments and Adafactor statistics exactly like the weights they track.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from polyglot_jax.parallel import partitioning
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32: number of optimizer updates applied.
+  params: Any
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """What the trainer needs to know about a state without holding one.
+
+  Attributes:
+    abstract: TrainState of ShapeDtypeStructs carrying their shardings (a restore target).
+    shardings: TrainState of NamedShardings.
+    param_axes: tree of logical-axis tuples, one per parameter.
+    tx: the optimizer built for these parameters.
+  """
+
+  abstract: TrainState
+  shardings: TrainState
+  param_axes: Any
+  tx: optax.GradientTransformation
+
+
+def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
+                    input_types: Mapping[str, Any] | None):
+  return lambda rng: model.get_initial_variables(rng, input_shapes, input_types)["params"]
+
+
+def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner,
+               input_shapes: Mapping[str, tuple[int, ...]],
+               input_types: Mapping[str, Any] | None = None) -> StateSpec:
+  """Builds the abstract state, its shardings and the optimizer, allocating nothing."""
+  key = jax.random.key(0)
+  boxed = jax.eval_shape(_init_params_fn(model, input_shapes, input_types), key)
+  param_axes = partitioning.logical_axes(boxed)
+  abstract_params = nn.unbox(boxed)
+  tx = optimizer.build(param_axes)
+  abstract = jax.eval_shape(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+      abstract_params)
+  axes = TrainState(
+      step=(), params=param_axes,
+      opt_state=partitioning.derived_state_axes(abstract.opt_state, param_axes, abstract_params))
+  shardings = partitioner.shardings(axes)
+  partitioner.check_divisible(abstract, shardings, "parameter or optimizer state")
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return StateSpec(abstract=abstract, shardings=shardings, param_axes=param_axes, tx=tx)
+
+
+def initialize(model: Any, spec: StateSpec, input_shapes: Mapping[str, tuple[int, ...]],
+               seed: int, input_types: Mapping[str, Any] | None = None) -> TrainState:
+  """Initialises parameters and optimizer state directly into their shardings."""
+  init_params = _init_params_fn(model, input_shapes, input_types)
+
+  def init(rng: jax.Array) -> TrainState:
+    params = nn.unbox(init_params(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=spec.tx.init(params))
+
+  return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed))
+
+
+def with_params(spec: StateSpec, state: TrainState, params: Any) -> TrainState:
+  """A state whose params are replaced (e.g. from a partial restore) with fresh optimizer state."""
+  def fresh(p: Any) -> TrainState:
+    return TrainState(step=state.step, params=p, opt_state=spec.tx.init(p))
+  return jax.jit(fresh, out_shardings=spec.shardings)(params)
+
+
+def param_count(abstract_params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(abstract_params)))

@@ -1,0 +1,11 @@
+"""Test-session setup: 8 fake CPU devices (read once, before JAX initialises) and quiet TF logs."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow (seqio) must not claim an accelerator.
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
