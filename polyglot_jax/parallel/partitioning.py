@@ -182,7 +182,8 @@ class Partitioner:
 
 
 def _is_axes(x: Any) -> bool:
-  return x is None or (isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+  """A tuple of logical names (exactly a tuple: optax's empty NamedTuple states are not axes)."""
+  return x is None or (type(x) is tuple and all(isinstance(a, (str, type(None))) for a in x))
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -1,0 +1,94 @@
+"""Gin: search paths, binding parsing and one-line error messages for the CLI and notebooks.
+
+Users write T5X-style flags: `--gin_file=` (repeatable), `--gin.MACRO=value`, and
+`--gin_search_paths=`. Unquoted string values (`--gin.MODEL_DIR=/tmp/run`) are quoted for them.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import logging
+import os
+import re
+from typing import Sequence
+
+import gin
+
+# The repository's gin/ folder (an editable install keeps it next to the package).
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class _QuietSearchMisses(logging.Filter):
+  """Drops gin's 'Path not found' log lines: it logs one for every search path it tries."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Path not found:")
+
+
+def register_configurables() -> None:
+  """Imports every module that defines gin configurables or seqio tasks."""
+  # pylint: disable=import-outside-toplevel,unused-import
+  from polyglot_jax.data import pipeline, tasks  # noqa: F401
+  from polyglot_jax.inference import run  # noqa: F401
+  from polyglot_jax.models import config, model  # noqa: F401
+  from polyglot_jax.parallel import partitioning  # noqa: F401
+  from polyglot_jax.training import loop, optimizers, schedules  # noqa: F401
+
+
+def normalize_binding(binding: str) -> str:
+  """'MODEL_DIR=/tmp/x' -> 'MODEL_DIR="/tmp/x"'; literals, @refs and %macros stay as written."""
+  name, sep, value = binding.partition("=")
+  if not sep:
+    raise ValueError(f"gin binding {binding!r} has no '='; write --gin.NAME=value.")
+  value = value.strip()
+  if value[:1] in ("@", "%") or value in ("None", "True", "False"):
+    return f"{name.strip()} = {value}"
+  try:
+    ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    value = repr(value)
+  return f"{name.strip()} = {value}"
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str],
+          search_paths: Sequence[str] = ()) -> None:
+  """Registers configurables, then parses files and bindings (later ones win)."""
+  register_configurables()
+  root = logging.getLogger()
+  if not any(isinstance(f, _QuietSearchMisses) for f in root.filters):
+    root.addFilter(_QuietSearchMisses())
+  for path in [GIN_DIR, *search_paths]:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(
+      list(gin_files), [normalize_binding(b) for b in bindings], finalize_config=True)
+
+
+def _registered_names() -> list[str]:
+  registry = gin.config._REGISTRY  # pylint: disable=protected-access
+  return sorted({selector.split(".")[-1] for selector, _ in registry.items()})
+
+
+def one_line_error(exc: BaseException) -> str:
+  """A readable one-line description of a configuration error, with how to fix it."""
+  message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+  missing_macro = re.match(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", message)
+  if missing_macro:
+    return (f"gin macro {missing_macro.group(1)} is required but not set; pass "
+            f"--gin.{missing_macro.group(1)}=... or bind it in a gin file.")
+  missing_file = re.match(r"Unable to open file: (.*?)\. Searched config paths: (.*)", message)
+  if missing_file:
+    return (f"gin file {missing_file.group(1)} not found (searched {missing_file.group(2)}); "
+            "check --gin_file and --gin_search_paths.")
+  unknown = re.match(r"No configurable matching '([^']+)'", message)
+  if unknown:
+    close = difflib.get_close_matches(unknown.group(1).split(".")[-1], _registered_names(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown gin configurable {unknown.group(1)!r} in a binding.{hint}"
+  required = re.match(r"Required bindings for `(\w+)` not provided in config: (.*)", message)
+  if required:
+    return (f"{required.group(1)} needs gin bindings for {required.group(2)}; set them in a gin "
+            "file or with --gin.")
+  if isinstance(exc, SyntaxError):
+    return f"gin value could not be parsed: {message}"
+  return message

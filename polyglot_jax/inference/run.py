@@ -1,0 +1,87 @@
+"""`polyglot-jax eval` and `polyglot-jax infer`: a trained checkpoint over a seqio task.
+
+Both restore only the parameters (no optimizer state) straight into the mesh's shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import gin
+import jax
+import optax
+import seqio
+
+from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
+from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
+from polyglot_jax.training import checkpoints, loop, step as step_lib, train_state
+
+
+class _ParamsOnly:
+  """An optimizer with no state, so evaluation builds shardings for the parameters alone."""
+
+  @staticmethod
+  def build(param_axes: Any) -> optax.GradientTransformation:
+    del param_axes
+    return optax.identity()
+
+
+def _restore(model: Any, dataset_cfg: DatasetConfig, checkpoint_dir: str, step: int | None,
+             partitioner: Partitioner):
+  ds = get_dataset(dataset_cfg, model.FEATURE_CONVERTER_CLS, shard_id=jax.process_index(),
+                   num_shards=jax.process_count(), num_epochs=1)
+  shapes, types = loop._input_shapes(ds, dataset_cfg.batch_size)  # pylint: disable=protected-access
+  spec = train_state.state_spec(model, _ParamsOnly(), partitioner, shapes, types)
+  params = checkpoints.restore_params(os.path.join(checkpoint_dir, "checkpoints"),
+                                      spec.abstract.params, step=step)
+  return ds, spec, params
+
+
+@gin.configurable
+def evaluate(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQUIRED,
+             model_dir: str = gin.REQUIRED, step: int | None = None,
+             mesh: MeshConfig = MeshConfig(), eval_steps: int = 1000) -> dict[str, float]:
+  """Loss and accuracy of a checkpoint on a dataset; printed and written to MODEL_DIR/eval/."""
+  partitioner = Partitioner(mesh)
+  ds, spec, params = _restore(model, dataset_cfg, model_dir, step, partitioner)
+  with partitioner.activate():
+    metrics = loop.evaluate(model, params, step_lib.make_eval_step(model, spec, partitioner),
+                            partitioner, iterate_batches(ds), eval_steps)
+  out_dir = os.path.join(model_dir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{dataset_cfg.mixture_or_task_name}.json"), "w") as f:
+    json.dump(metrics, f, indent=1)
+  print(json.dumps({"task": dataset_cfg.mixture_or_task_name, **metrics}), flush=True)
+  return metrics
+
+
+@gin.configurable
+def infer(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQUIRED,
+          model_dir: str = gin.REQUIRED, step: int | None = None,
+          mesh: MeshConfig = MeshConfig(), max_batches: int = 10,
+          output_path: str | None = None) -> str:
+  """Greedy predictions for a dataset, written as JSONL {inputs, targets, prediction, score}."""
+  partitioner = Partitioner(mesh)
+  ds, spec, params = _restore(model, dataset_cfg, model_dir, step, partitioner)
+  vocab = seqio.get_mixture_or_task(dataset_cfg.mixture_or_task_name).output_features[
+      "targets"].vocabulary
+  output_path = output_path or os.path.join(model_dir, "infer",
+                                            f"{dataset_cfg.mixture_or_task_name}.jsonl")
+  os.makedirs(os.path.dirname(output_path), exist_ok=True)
+  predict = jax.jit(model.predict_batch_with_aux,
+                    in_shardings=(spec.shardings.params, partitioner.batch_sharding))
+  with partitioner.activate(), open(output_path, "w", encoding="utf-8") as f:
+    for _, batch in zip(range(max_batches), iterate_batches(ds)):
+      tokens, aux = jax.device_get(predict(params, partitioner.shard_batch(batch)))
+      inputs = batch.get("encoder_input_tokens", batch["decoder_input_tokens"])
+      for row in range(tokens.shape[0]):
+        f.write(json.dumps({
+            "inputs": vocab.decode(inputs[row].tolist()),
+            "targets": vocab.decode(batch["decoder_target_tokens"][row].tolist()),
+            "prediction": vocab.decode(tokens[row].tolist()),
+            "score": float(aux["scores"][row]),
+        }, ensure_ascii=False) + "\n")
+  print(f"Wrote predictions to {output_path}", flush=True)
+  return output_path
