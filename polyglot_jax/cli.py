@@ -14,11 +14,13 @@ import os
 import sys
 from typing import Callable, Sequence
 
-import gin
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow (seqio) loads.
 
-from polyglot_jax import gin_setup
-from polyglot_jax.training import loop
-from polyglot_jax.training.loop import NonFiniteLossError
+import gin  # noqa: E402  pylint: disable=wrong-import-position
+
+from polyglot_jax import gin_setup  # noqa: E402  pylint: disable=wrong-import-position
+from polyglot_jax.training import loop  # noqa: E402  pylint: disable=wrong-import-position
+from polyglot_jax.training.loop import NonFiniteLossError  # noqa: E402  pylint: disable=wrong-import-position
 
 _GIN_COMMANDS = {
     "train": "Train (or resume) a model; MODEL_DIR gets checkpoints, metrics and config.gin.",
@@ -69,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
   args = _parser().parse_args(rest)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     if args.command == "vocab":
       from polyglot_jax.data import vocab  # pylint: disable=import-outside-toplevel
