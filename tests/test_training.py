@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from polyglot_jax.data.pipeline import DatasetConfig
+from polyglot_jax.inference import run
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
@@ -150,24 +151,31 @@ def test_nonfinite_update_is_skipped():
 LOOP_LENGTHS = {"inputs": 32, "targets": 16}
 
 
-def _train(model_dir: str, total_steps: int, mesh: MeshConfig = MeshConfig(data=8), **kwargs):
-  model = EncoderDecoderModel(TransformerConfig(**{**TINY, "vocab_size": 8192}))
+EVAL_CFG = DatasetConfig(mixture_or_task_name="udhr_span_corruption",
+                         task_feature_lengths=LOOP_LENGTHS, split="validation", batch_size=8,
+                         shuffle=False, pack=False)
+
+
+def _loop_model() -> EncoderDecoderModel:
+  return EncoderDecoderModel(TransformerConfig(**{**TINY, "vocab_size": 8192}))
+
+
+def _train(model_dir: str, total_steps: int, mesh: MeshConfig = MeshConfig(data=8),
+           optimizer=None, **kwargs):
   data = DatasetConfig(mixture_or_task_name="udhr_span_corruption",
                        task_feature_lengths=LOOP_LENGTHS, split="train", batch_size=8,
                        shuffle=True, seed=3, pack=True)
   kwargs.setdefault("eval_dataset_cfg", None)
-  return loop.train(model=model, train_dataset_cfg=data, optimizer=AdamW(learning_rate=3e-3),
-                    model_dir=model_dir, total_steps=total_steps, mesh=mesh,
-                    checkpoint_period=3, log_period=1, tensorboard=False, **kwargs)
+  return loop.train(model=_loop_model(), train_dataset_cfg=data,
+                    optimizer=optimizer or AdamW(learning_rate=3e-3), model_dir=model_dir,
+                    total_steps=total_steps, mesh=mesh, checkpoint_period=3, log_period=1,
+                    tensorboard=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-  eval_cfg = DatasetConfig(mixture_or_task_name="udhr_span_corruption",
-                           task_feature_lengths=LOOP_LENGTHS, split="validation", batch_size=8,
-                           shuffle=False, pack=False)
-  return model_dir, _train(model_dir, 6, eval_dataset_cfg=eval_cfg, eval_steps=2, eval_period=3)
+  return model_dir, _train(model_dir, 6, eval_dataset_cfg=EVAL_CFG, eval_steps=2, eval_period=3)
 
 
 def test_loop_writes_metrics_checkpoints_and_eval(uninterrupted):
@@ -212,3 +220,29 @@ def test_decoder_only_sharded_equals_single_device():
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                jax.device_get(state.params), jax.device_get(ref_state.params))
+
+
+def test_eval_and_infer_read_the_trained_checkpoint(uninterrupted):
+  model_dir, result = uninterrupted
+  metrics = run.evaluate(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir,
+                         mesh=MeshConfig(data=2, fsdp=4), eval_steps=2)
+  for name in ("loss", "accuracy"):
+    assert metrics[name] == pytest.approx(result.eval_metrics[name], rel=1e-5)
+  path = run.infer(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir, max_batches=1)
+  records = read_jsonl(path)
+  assert len(records) == 8
+  assert set(records[0]) == {"inputs", "targets", "prediction", "score"}
+  assert all(r["inputs"] for r in records)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_policy(policy, tmp_path):
+  nan_lr = AdamW(learning_rate=float("nan"))  # Step 1 makes every parameter NaN.
+  if policy == "stop":
+    with pytest.raises(loop.NonFiniteLossError, match="not finite at step 2 "):
+      _train(str(tmp_path), 4, optimizer=nan_lr, nonfinite_policy=policy)
+    return
+  result = _train(str(tmp_path), 4, optimizer=nan_lr, nonfinite_policy=policy)
+  assert result.step == 4
+  records = read_jsonl(os.path.join(str(tmp_path), "train", "metrics.jsonl"))
+  assert [r["nonfinite_updates"] for r in records] == [0, 1, 2, 3]
