@@ -1,0 +1,160 @@
+"""Decoder stack (shared by both model families) and the decoder-only network (Llama, Cohere).
+
+The same `Decoder` serves as the T5 decoder (shared embedding, cross-attention to the encoder,
+causal relative-position bias) and as a decoder-only LM (own `token_embedder`, RoPE, SwiGLU,
+GQA, Cohere's parallel block, PrefixLM via `decoder_causal_attention`). Parameter names follow
+T5X: `decoder/{token_embedder, layers_{i}, relpos_bias, decoder_norm, logits_dense}`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from polyglot_jax.models import layers
+from polyglot_jax.models.config import TransformerConfig
+
+Array = jax.Array
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm decoder block: self-attention, optional cross-attention, MLP.
+
+  With `config.parallel_block` (Cohere) the MLP reads the same normalised input as the
+  self-attention and both are added to the residual: x + attn(norm(x)) + mlp(norm(x)).
+  """
+
+  config: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
+               positions: Array) -> tuple[Array, None]:
+    """Updates the [batch, length, embed] residual stream `x`.
+
+    Args:
+      x: decoder activations.
+      encoded: [batch, enc_length, embed] encoder output, or None for decoder-only models.
+      self_bias: float32 [batch, heads|1, length, length] mask (+ shared relative) bias.
+      cross_bias: float32 [batch, 1, length, enc_length] mask bias, or None.
+      positions: [batch, length] token positions (RoPE, per-layer relative bias).
+    Returns:
+      (x, None), the nn.scan carry convention.
+    """
+    cfg = self.config
+    drop = layers.make_dropout(cfg)
+    if cfg.position_embedding == "relative" and cfg.per_layer_relative_bias:
+      self_bias = self_bias + layers.RelativePositionBias(
+          cfg, bidirectional=False, name="relpos_bias")(positions, positions)
+    h = layers.make_norm(cfg, "pre_self_attention_layer_norm")(x)  # [batch, length, embed]
+    y = layers.Attention(cfg, name="self_attention")(
+        h, h, self_bias, positions, self.deterministic)  # [batch, length, embed]
+    x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
+    if encoded is not None:
+      g = layers.make_norm(cfg, "pre_cross_attention_layer_norm")(x)  # [batch, length, embed]
+      y = layers.Attention(cfg, name="encoder_decoder_attention")(
+          g, encoded, cross_bias, None, self.deterministic)  # [batch, length, embed]
+      x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
+    if not cfg.parallel_block:
+      h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
+    y = layers.Mlp(cfg, name="mlp")(h, self.deterministic)  # [batch, length, embed]
+    x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class Decoder(nn.Module):
+  """Embedding, decoder layers, final norm and output logits.
+
+  Attributes:
+    config: the architecture.
+    shared_embedding: the encoder-decoder's shared `token_embedder`; None creates this decoder's
+      own `token_embedder` (decoder-only models).
+  """
+
+  config: TransformerConfig
+  shared_embedding: nn.Module | None = None
+
+  @nn.compact
+  def __call__(self,
+               decoder_input_tokens: Array,
+               encoded: Array | None = None,
+               encoder_segments: Array | None = None,
+               decoder_target_tokens: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None,
+               decoder_causal_attention: Array | None = None,
+               *,
+               enable_dropout: bool = False) -> Array:
+    """Returns [batch, length, vocab] logits for [batch, length] decoder input tokens.
+
+    Args:
+      decoder_input_tokens: shifted-right targets (or the prompt while decoding).
+      encoded: [batch, enc_length, embed] encoder output; None for decoder-only models.
+      encoder_segments: [batch, enc_length] encoder segment ids or 1/0 padding indicator.
+      decoder_target_tokens: marks padding (0) when segment ids are absent, as in T5X.
+      decoder_segment_ids: packed segment ids, 0 on padding.
+      decoder_positions: positions restarting in each packed segment; default arange.
+      decoder_causal_attention: PrefixLM's 1-on-prefix indicator; None for a causal decoder.
+      enable_dropout: apply dropout (training).
+    """
+    cfg = self.config
+    deterministic = not enable_dropout
+    drop = layers.make_dropout(cfg)
+    segments = layers.segments_or_padding(decoder_segment_ids, decoder_target_tokens,
+                                          decoder_input_tokens)  # [batch, length]
+    positions = layers.positions_or_arange(decoder_positions, decoder_input_tokens)  # [b, l]
+    self_bias = layers.mask_to_bias(
+        layers.decoder_self_mask(segments, decoder_causal_attention))  # [batch, 1, len, len]
+    if cfg.position_embedding == "relative" and not cfg.per_layer_relative_bias:
+      self_bias = self_bias + layers.RelativePositionBias(
+          cfg, bidirectional=False, name="relpos_bias")(positions, positions)  # [b, h, l, l]
+    cross_bias = None
+    if encoded is not None:
+      cross_bias = layers.mask_to_bias(
+          layers.segment_mask(segments, encoder_segments))  # [batch, 1, length, enc_length]
+
+    embedder = self.shared_embedding
+    if embedder is None:
+      embedder = layers.make_embed(cfg, "token_embedder")
+    x = embedder(decoder_input_tokens)  # [batch, length, embed]
+    x = drop(x, deterministic=deterministic)  # [batch, length, embed]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = layers.stack_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x, encoded, self_bias,
+                            cross_bias, positions, deterministic=deterministic)
+    y = layers.make_norm(cfg, "decoder_norm")(x)  # [batch, length, embed]
+    y = drop(y, deterministic=deterministic)  # [batch, length, embed]
+    self.sow("intermediates", "pre_logits", y)
+    if cfg.logits_via_embedding:
+      logits = embedder.attend(y)  # [batch, length, vocab]
+      if cfg.scale_tied_logits:
+        logits = logits * cfg.emb_dim**-0.5  # [batch, length, vocab]
+    else:
+      logits = layers.DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), name="logits_dense",
+                                   **layers.dtype_kwargs(cfg))(y)  # [batch, length, vocab]
+    if cfg.logit_scale != 1.0:
+      logits = logits * cfg.logit_scale  # [batch, length, vocab]
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class DecoderOnly(nn.Module):
+  """Decoder-only LM (Llama, Cohere-Command, PrefixLM); all parameters live under `decoder/`."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self,
+               decoder_input_tokens: Array,
+               decoder_target_tokens: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None,
+               decoder_causal_attention: Array | None = None,
+               *,
+               enable_dropout: bool = False) -> Array:
+    """Returns [batch, length, vocab] logits; see `Decoder.__call__` for the features."""
+    return Decoder(self.config, name="decoder")(
+        decoder_input_tokens,
+        decoder_target_tokens=decoder_target_tokens,
+        decoder_segment_ids=decoder_segment_ids,
+        decoder_positions=decoder_positions,
+        decoder_causal_attention=decoder_causal_attention,
+        enable_dropout=enable_dropout)

@@ -1,0 +1,273 @@
+"""T5X BaseModel API over the Flax networks: init, loss, eval, scoring and decoding.
+
+Batches use seqio feature names (`encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights`, `*_segment_ids`, `*_positions`,
+`decoder_causal_attention`). `params` are unboxed arrays everywhere except in the result of
+`get_initial_variables`, whose leaves are `nn.LogicallyPartitioned` boxes for the partitioner.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import seqio
+
+from polyglot_jax.models import losses
+from polyglot_jax.models.config import TransformerConfig
+from polyglot_jax.models.decoder import DecoderOnly
+from polyglot_jax.models.encoder_decoder import EncoderDecoder
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Params = Any
+
+EOS_ID = 1  # seqio/T5 vocabularies: 0 = padding (and decoder BOS), 1 = EOS.
+
+
+def _decode_loop(logits_fn: Callable[[Array], Array], tokens: Array, start: Array,
+                 rng: Array | None, temperature: float) -> tuple[Array, Array]:
+  """Greedy (or temperature-sampled) decoding that recomputes the whole prefix every step.
+
+  Position i's logits predict decoder input i+1. Row b emits from position `start[b]` on, writing
+  its outputs left-aligned; it stops after EOS, and everything after EOS stays 0.
+
+  Args:
+    logits_fn: [batch, length] decoder input tokens -> [batch, length, vocab] logits.
+    tokens: [batch, length] decoder inputs holding each row's prompt (at least the 0 BOS).
+    start: [batch] first position whose prediction is emitted (prompt length - 1).
+    rng: sampling key; None (or temperature 0) decodes greedily.
+    temperature: softmax temperature for sampling.
+  Returns:
+    (outputs [batch, length], scores [batch]): emitted tokens and the sum of their log-probs
+    under the untempered model distribution.
+  """
+  batch, length = tokens.shape
+  index = jnp.arange(length)  # [length]
+  sample = rng is not None and temperature > 0
+
+  def cond(state: tuple[Array, ...]) -> Array:
+    i, _, _, done, _ = state
+    return (i < length) & ~jnp.all(done)
+
+  def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
+    i, tokens, outputs, done, scores = state
+    logits = jax.lax.dynamic_index_in_dim(logits_fn(tokens), i, axis=1, keepdims=False)  # [b, V]
+    logits = logits.astype(jnp.float32)  # [batch, vocab]
+    if sample:
+      chosen = jax.random.categorical(jax.random.fold_in(rng, i), logits / temperature)  # [b]
+    else:
+      chosen = jnp.argmax(logits, axis=-1)  # [batch]
+    active = (i >= start) & ~done  # [batch]
+    chosen = jnp.where(active, chosen, 0).astype(tokens.dtype)  # [batch]
+    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
+    scores = scores + jnp.where(active, log_prob, 0.0)  # [batch]
+    write_out = active[:, None] & (index[None, :] == (i - start)[:, None])  # [batch, length]
+    outputs = jnp.where(write_out, chosen[:, None], outputs)  # [batch, length]
+    write_in = active[:, None] & (index[None, :] == i + 1)  # [batch, length]
+    tokens = jnp.where(write_in, chosen[:, None], tokens)  # [batch, length]
+    done = done | (active & (chosen == EOS_ID))  # [batch]
+    return i + 1, tokens, outputs, done, scores
+
+  state = (jnp.min(start), tokens, jnp.zeros_like(tokens), jnp.zeros((batch,), bool),
+           jnp.zeros((batch,), jnp.float32))
+  _, _, outputs, _, scores = jax.lax.while_loop(cond, body, state)
+  return outputs, scores
+
+
+class BaseTransformerModel(abc.ABC):
+  """Loss, evaluation, scoring and decoding shared by both model families.
+
+  Subclasses set `FEATURE_CONVERTER_CLS`, build `self.module`, list the batch features the module
+  takes (`_features`) and say how decoding starts (`_decoding_inputs`).
+  """
+
+  FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+
+  def __init__(self, config: TransformerConfig, module: nn.Module, z_loss: float,
+               label_smoothing: float, loss_normalizing_factor: losses.LossNormalizer) -> None:
+    losses.check_normalizer(loss_normalizing_factor)
+    self.config = config
+    self.module = module
+    self._z_loss = z_loss
+    self._label_smoothing = label_smoothing
+    self._loss_normalizing_factor = loss_normalizing_factor
+
+  @property
+  def loss_normalizing_factor(self) -> losses.LossNormalizer:
+    """How losses are normalised; the trainer computes the global batch's divisor from it."""
+    return self._loss_normalizing_factor
+
+  @property
+  @abc.abstractmethod
+  def _features(self) -> tuple[str, ...]:
+    """Batch features passed to `self.module` (when present in the batch)."""
+
+  @abc.abstractmethod
+  def _decoding_inputs(self, params: Params, batch: Batch
+                       ) -> tuple[Callable[[Array], Array], Array, Array]:
+    """(logits_fn, initial decoder tokens [batch, length], start [batch]) for `_decode_loop`."""
+
+  def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None = None,
+              mutable: list[str] | bool = False) -> Any:
+    """Teacher-forced [batch, length, vocab] logits; dropout iff `dropout_rng` is given."""
+    inputs = {name: batch[name] for name in self._features if name in batch}
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    return self.module.apply({"params": params}, **inputs, enable_dropout=dropout_rng is not None,
+                             rngs=rngs, mutable=mutable)
+
+  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]],
+                            input_types: Mapping[str, jnp.dtype] | None = None) -> dict[str, Any]:
+    """Initialises the variables ({'params': boxed tree}); works under `jax.eval_shape`.
+
+    Args:
+      rng: the params init key.
+      input_shapes: feature name -> shape (at least the token features of `_features`).
+      input_types: feature name -> dtype; int32 by default.
+    """
+    input_types = input_types or {}
+    inputs = {name: jnp.ones(input_shapes[name], input_types.get(name, jnp.int32))
+              for name in self._features if name in input_shapes}
+    return self.module.init({"params": rng}, **inputs, enable_dropout=False)
+
+  def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None,
+              loss_normalizer: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """(loss, metric sums) of `losses.cross_entropy_loss`; dropout iff `dropout_rng` is given.
+
+    Args:
+      params: unboxed parameters.
+      batch: features incl. `decoder_target_tokens` and `decoder_loss_weights`.
+      dropout_rng: dropout key, or None for a deterministic pass.
+      loss_normalizer: the global batch's divisor under gradient accumulation; None computes it.
+    """
+    logits = self._logits(params, batch, dropout_rng)  # [batch, length, vocab]
+    return losses.cross_entropy_loss(
+        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+        z_loss=self._z_loss, label_smoothing=self._label_smoothing,
+        loss_normalizing_factor=self._loss_normalizing_factor, loss_normalizer=loss_normalizer)
+
+  def eval_fn(self, params: Params, batch: Batch) -> tuple[Array, dict[str, Array]]:
+    """`loss_fn` without dropout."""
+    return self.loss_fn(params, batch, dropout_rng=None)
+
+  def score_batch(self, params: Params, batch: Batch, return_intermediates: bool = False
+                  ) -> Array | tuple[Array, Mapping[str, Any]]:
+    """[batch] sums of target log-likelihoods weighted by `decoder_loss_weights`.
+
+    With `return_intermediates`, also returns the sown `intermediates` collection.
+    """
+    mutable = ["intermediates"] if return_intermediates else False
+    output = self._logits(params, batch, mutable=mutable)
+    logits, state = output if return_intermediates else (output, None)  # [batch, length, vocab]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, length, vocab]
+    targets = batch["decoder_target_tokens"]  # [batch, length]
+    token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [b, l]
+    scores = jnp.sum(token_scores * batch["decoder_loss_weights"], axis=-1)  # [batch]
+    return (scores, state["intermediates"]) if return_intermediates else scores
+
+  def predict_batch_with_aux(self, params: Params, batch: Batch, rng: Array | None = None,
+                             decoder_params: Mapping[str, Any] | None = None
+                             ) -> tuple[Array, dict[str, Array]]:
+    """Decodes a batch: (tokens [batch, max_decode_len], {'scores': [batch]}).
+
+    Greedy by default; `decoder_params={'temperature': t}` with an `rng` samples at temperature
+    t. Each row stops at EOS (id 1) and is 0-padded after it. No KV cache yet: every step re-runs
+    the whole prefix inside one `lax.while_loop`, so the call is jit-able.
+    """
+    temperature = float((decoder_params or {}).get("temperature", 0.0))
+    logits_fn, tokens, start = self._decoding_inputs(params, batch)
+    outputs, scores = _decode_loop(logits_fn, tokens, start, rng, temperature)
+    return outputs, {"scores": scores}
+
+  def predict_batch(self, params: Params, batch: Batch, rng: Array | None = None,
+                    decoder_params: Mapping[str, Any] | None = None) -> Array:
+    """The decoded tokens of `predict_batch_with_aux`."""
+    return self.predict_batch_with_aux(params, batch, rng, decoder_params)[0]
+
+
+@gin.configurable
+class EncoderDecoderModel(BaseTransformerModel):
+  """T5.1.1 / mT5 / umT5 model with the T5X EncoderDecoderModel API."""
+
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+  def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: losses.LossNormalizer = losses.NUM_REAL_TARGET_TOKENS
+               ) -> None:
+    super().__init__(config, EncoderDecoder(config), z_loss, label_smoothing,
+                     loss_normalizing_factor)
+
+  @property
+  def _features(self) -> tuple[str, ...]:
+    return ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+
+  def _decoding_inputs(self, params: Params, batch: Batch
+                       ) -> tuple[Callable[[Array], Array], Array, Array]:
+    """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from BOS 0."""
+    variables = {"params": params}
+    encoder_tokens = batch["encoder_input_tokens"]  # [batch, enc_length]
+    encoded = self.module.apply(variables, encoder_tokens, batch.get("encoder_segment_ids"),
+                                batch.get("encoder_positions"),
+                                method=EncoderDecoder.encode)  # [batch, enc_length, embed]
+
+    def logits_fn(tokens: Array) -> Array:
+      return self.module.apply(variables, encoded, encoder_tokens, tokens,
+                               encoder_segment_ids=batch.get("encoder_segment_ids"),
+                               method=EncoderDecoder.decode)  # [batch, length, vocab]
+
+    batch_size, length = batch["decoder_target_tokens"].shape
+    tokens = jnp.zeros((batch_size, length), jnp.int32)  # [batch, length]
+    return logits_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
+
+
+@gin.configurable
+class DecoderOnlyModel(BaseTransformerModel):
+  """Decoder-only LM (Llama, Cohere, PrefixLM) with the T5X DecoderOnlyModel API.
+
+  With `inputs_bidirectional_attention`, positions marked by `decoder_causal_attention` attend to
+  each other bidirectionally (PrefixLM) and the feature converter is seqio's PrefixLM one.
+  """
+
+  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+
+  def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
+               label_smoothing: float = 0.0,
+               loss_normalizing_factor: losses.LossNormalizer = losses.NUM_REAL_TARGET_TOKENS,
+               inputs_bidirectional_attention: bool = False) -> None:
+    super().__init__(config, DecoderOnly(config), z_loss, label_smoothing,
+                     loss_normalizing_factor)
+    self.inputs_bidirectional_attention = inputs_bidirectional_attention
+    if inputs_bidirectional_attention:
+      self.FEATURE_CONVERTER_CLS = seqio.PrefixLMFeatureConverter
+
+  @property
+  def _features(self) -> tuple[str, ...]:
+    features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+                "decoder_positions")
+    if self.inputs_bidirectional_attention:
+      features += ("decoder_causal_attention",)
+    return features
+
+  def _decoding_inputs(self, params: Params, batch: Batch
+                       ) -> tuple[Callable[[Array], Array], Array, Array]:
+    """Continues the prompt: the positions of `decoder_input_tokens` marked by
+    `decoder_causal_attention` (T5X: the 0 BOS plus the inputs); outputs exclude the prompt."""
+    if "decoder_causal_attention" not in batch:
+      raise ValueError("predict_batch needs batch['decoder_causal_attention'] to mark the prompt "
+                       "(seqio PrefixLM/Decoder feature converters with 'inputs' provide it).")
+    causal_attention = batch["decoder_causal_attention"]  # [batch, length]
+    prompt = batch["decoder_input_tokens"] * causal_attention  # [batch, length]
+    start = jnp.sum(causal_attention, axis=1).astype(jnp.int32) - 1  # [batch]
+    prefix = causal_attention if self.inputs_bidirectional_attention else None
+
+    def logits_fn(tokens: Array) -> Array:
+      return self.module.apply({"params": params}, tokens,
+                               decoder_causal_attention=prefix)  # [batch, length, vocab]
+
+    return logits_fn, prompt.astype(jnp.int32), start
