@@ -14,6 +14,7 @@ import re
 from typing import Sequence
 
 import gin
+from gin import resource_reader
 
 # The repository's gin/ folder (an editable install keeps it next to the package).
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -24,6 +25,27 @@ class _QuietSearchMisses(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Path not found:")
+
+
+def _system_path_file_exists(path: str) -> bool:
+  """gin's package-path lookup, minus its crash on plain folders.
+
+  gin treats 'runs/pretrain.gin' as file 'pretrain.gin' of a Python package 'runs'; a plain
+  folder named like that in the working directory (e.g. our own MODEL_DIR=runs/quickstart) is
+  a namespace package without an origin, and gin 0.5.0 raises TypeError instead of moving on to
+  the next search path.
+  """
+  try:
+    return resource_reader.system_path_file_exists(path)
+  except TypeError:
+    return False
+
+
+def _guard_gin_file_readers() -> None:
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if exists is resource_reader.system_path_file_exists:
+      readers[i] = (reader, _system_path_file_exists)
 
 
 def register_configurables() -> None:
@@ -55,6 +77,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
           search_paths: Sequence[str] = ()) -> None:
   """Registers configurables, then parses files and bindings (later ones win)."""
   register_configurables()
+  _guard_gin_file_readers()
   root = logging.getLogger()
   if not any(isinstance(f, _QuietSearchMisses) for f in root.filters):
     root.addFilter(_QuietSearchMisses())

@@ -41,6 +41,16 @@ def test_bad_configuration_is_one_line(args, fragment, capsys, tmp_path):
   assert fragment in err
 
 
+def test_folders_named_like_gin_tiers_in_the_working_directory(tmp_path, monkeypatch, capsys):
+  """A ./runs or ./models folder (e.g. MODEL_DIR=runs/quickstart) must not break gin includes."""
+  for folder in ("runs/quickstart", "models", "experiments"):
+    (tmp_path / folder).mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  code = cli.main(["train", QUICKSTART, "--gin.MeshConfig.data=3"])
+  assert code == 2
+  assert "needs 3 devices but 8 are visible" in capsys.readouterr().err
+
+
 def _start(model_dir: str, steps: int) -> subprocess.Popen:
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
   command = [sys.executable, "-m", "polyglot_jax.cli", "train", QUICKSTART,

@@ -238,7 +238,7 @@ def train(
   try:
     with _StopSignals() as stop, partitioner.activate():
       pending = None
-      step = start
+      step = last_saved = start
       while step < end and stop.received is None:
         batch = partitioner.shard_batch(next(batches))
         state, metrics = train_step(state, batch)
@@ -248,10 +248,12 @@ def train(
         pending = (step, metrics)
         if step == start + 1:
           _write_operative_config(model_dir)
-        data_state = {"batches": step}
-        ckpt.save(step, state, data_state, force=step == end or stop.received is not None)
+        if ckpt.save(step, state, {"batches": step}):
+          last_saved = step
         if eval_dataset_cfg and eval_period and step % eval_period == 0 and step < end:
           run_eval(step)
+      if last_saved != step:  # The end of the run, or a signal: always leave a checkpoint.
+        ckpt.save(step, state, {"batches": step}, force=True)
       if pending is not None:
         finish_step(*pending)
       if step == total_steps and eval_dataset_cfg:
