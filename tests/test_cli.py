@@ -81,6 +81,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   assert stopped >= 3
   assert str(stopped) in os.listdir(os.path.join(model_dir, "checkpoints"))
   assert os.path.exists(os.path.join(model_dir, "config.gin"))
+  assert any(name.startswith("events.out.tfevents")
+             for name in os.listdir(os.path.join(model_dir, "train")))
 
   resumed = _start(model_dir, stopped + 2)
   out, _ = resumed.communicate(timeout=240)
