@@ -1,10 +1,15 @@
-"""Data layer: bundled corpora, vocabularies, seqio tasks and the trainer's batch iterator.
+"""Data layer: bundled corpora, vocabularies, seqio tasks and mixtures, the trainer's iterator.
 
   udhr           the bundled UDHR corpus and the train/validation (held-out articles) rule
   vocab          SentencePiece vocabularies: train on the UDHR, or load any spiece.model
   preprocessors  span corruption, causal LM and prefix LM token preprocessors
-  tasks          seqio Tasks over the UDHR (registered on import)
-  pipeline       DatasetConfig, get_dataset, iterate_batches: what the trainer calls
+  instructions   Aya-schema instruction records: UDHR translation prompts, chatterbot dialogs
+  aya            reading a user's Aya-format files (JSONL(.gz), Parquet, TFRecord)
+  quality        bad input: dropped and counted (`data/dropped_*`), or strict errors
+  mixing         mT5 temperature and UniMax language rates, LanguageMixture, rate tables
+  tasks          seqio Tasks and Mixtures over the bundled data (registered on import),
+                 per language (`udhr_lm.swh`), and `register_aya_task` for user files
+  pipeline       DatasetConfig, get_dataset, iterate_batches, dropped_metrics: the trainer's API
 
 Submodules are imported explicitly (TensorFlow loads with them), e.g.
 `from polyglot_jax.data.pipeline import DatasetConfig, get_dataset`.

@@ -4,11 +4,15 @@ Every host builds the same global pipeline (same seed, same order, same packing)
 `num_shards`-th packed row, so host batch k of all hosts together is exactly global batch k,
 whatever the number of hosts. This costs each host the preprocessing of the whole stream, which is
 cheap for the bundled corpora; it buys resumption and re-sharding without changing the data.
+
+`dropped_metrics()` returns the `data/dropped_*` counts of bad input examples (see `quality`) for
+the trainer to log next to its own metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterator, Mapping
 
 import gin
@@ -16,7 +20,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import tasks  # noqa: F401  (registers the bundled UDHR tasks)
+from polyglot_jax.data import tasks  # noqa: F401  (registers the bundled tasks and mixtures)
+from polyglot_jax.data.quality import dropped_metrics  # noqa: F401  (the trainer logs these)
 
 
 @gin.configurable
@@ -35,10 +40,21 @@ class DatasetConfig:
 
 
 def check_registered(name: str) -> None:
-  """Raises a one-line ValueError naming `name` and the registered tasks and mixtures."""
-  names = sorted({*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()})
-  if name not in names:
-    raise ValueError(f"unknown seqio task or mixture {name!r}; registered: {', '.join(names)}")
+  """Raises a one-line ValueError naming `name`, close matches and the registered names.
+
+  Per-language tasks (`<task>.<code>`, thousands of them) are summarised, not listed.
+  """
+  names = {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}
+  if name in names:
+    return
+  close = difflib.get_close_matches(name, names, n=3)
+  shown = sorted(n for n in names if "." not in n)
+  raise ValueError(
+      f"unknown seqio task or mixture {name!r}"
+      + (f" (did you mean {', '.join(close)}?)" if close else "")
+      + f"; registered: {', '.join(shown)}, and {len(names) - len(shown)} per-language tasks "
+      "named <task>.<language code>, e.g. udhr_lm.swh"
+  )
 
 
 def get_dataset(

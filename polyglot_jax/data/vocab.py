@@ -15,17 +15,11 @@ import numpy as np
 import seqio
 import sentencepiece as spm
 
+from polyglot_jax.data.mixing import temperature_probs
 from polyglot_jax.data.udhr import BUNDLE_DIR, udhr_records
 
 DEFAULT_VOCAB_PATH = BUNDLE_DIR / "udhr_spm_8k.model"
 DEFAULT_EXTRA_IDS = 100  # T5/mT5 sentinel count.
-
-
-def temperature_probs(sizes: dict[str, int], alpha: float) -> dict[str, float]:
-  """mT5 temperature sampling: p(lang) ∝ n_lang^alpha (alpha=1 proportional, 0 uniform)."""
-  weights = {lang: float(n) ** alpha for lang, n in sizes.items()}
-  total = sum(weights.values())
-  return {lang: w / total for lang, w in weights.items()}
 
 
 def sample_training_lines(temperature_alpha: float, sample_chars: int, seed: int) -> list[str]:
