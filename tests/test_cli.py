@@ -1,5 +1,6 @@
 """The `polyglot-jax` CLI: one-line configuration errors, and SIGTERM -> checkpoint -> resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -90,3 +91,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   assert f"Resumed from {os.path.join(model_dir, 'checkpoints')} at step {stopped}." in out
   assert f"step {stopped + 2}/{stopped + 2}" in out
   assert "eval udhr_span_corruption @ step" in out
+
+
+def test_sparsity_report_of_a_dense_checkpoint(capsys, tmp_path):
+  model_dir = str(tmp_path / "run")
+  out, _ = _start(model_dir, 2).communicate(timeout=240)
+  assert cli.main(["sparsity_report", f"--model_dir={model_dir}"]) == 0, out
+  report = json.loads(capsys.readouterr().out)
+  assert report["step"] == 2.0
+  assert report["sparsity/global"] == 0.0
+  assert "sparsity/encoder/layers_0/mlp/wi_0/kernel" in report

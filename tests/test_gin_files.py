@@ -42,6 +42,7 @@ REQUIRED_MACROS = [
     "MIXTURE_OR_TASK_NAME='udhr_span_corruption'",
     "TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
     "TRAIN_STEPS=1", "MODEL_DIR='/tmp/unused'", "INITIAL_CHECKPOINT_PATH='/tmp/unused'",
+    "PRUNING_RATIO=0.5",
 ]
 ENTRY_POINTS = {"train": loop.train, "evaluate": run.evaluate, "infer": run.infer}
 
@@ -91,6 +92,8 @@ def _instantiate(value):
 @pytest.mark.parametrize("path", OTHER_FILES)
 def test_run_and_experiment_files_instantiate(path):
   files = [path] if path.startswith("experiments/") else ["models/mt5/tiny.gin", path]
+  if path.startswith("sparsity/"):  # Switches for train(): parse them on top of a run file.
+    files.insert(1, "runs/pretrain.gin")
   gin_setup.parse(files, [] if path.startswith("experiments/") else REQUIRED_MACROS)
   if path.startswith("mesh/"):
     from polyglot_jax.parallel.partitioning import MeshConfig, resolve_rules

@@ -11,7 +11,6 @@ from typing import Any
 
 import gin
 import jax
-import optax
 import seqio
 
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
@@ -19,21 +18,12 @@ from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, loop, step as step_lib, train_state
 
 
-class _ParamsOnly:
-  """An optimizer with no state, so evaluation builds shardings for the parameters alone."""
-
-  @staticmethod
-  def build(param_axes: Any) -> optax.GradientTransformation:
-    del param_axes
-    return optax.identity()
-
-
 def _restore(model: Any, dataset_cfg: DatasetConfig, checkpoint_dir: str, step: int | None,
              partitioner: Partitioner):
   ds = get_dataset(dataset_cfg, model.FEATURE_CONVERTER_CLS, shard_id=jax.process_index(),
                    num_shards=jax.process_count(), num_epochs=1)
   shapes, types = loop._input_shapes(ds, dataset_cfg.batch_size)  # pylint: disable=protected-access
-  spec = train_state.state_spec(model, _ParamsOnly(), partitioner, shapes, types)
+  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes, types)
   params = checkpoints.restore_params(os.path.join(checkpoint_dir, "checkpoints"),
                                       spec.abstract.params, step=step)
   return ds, spec, params

@@ -17,7 +17,8 @@ import gin
 import jax
 import numpy as np
 
-from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
+from polyglot_jax.compression.sparsity import Sparsity
+from polyglot_jax.data.pipeline import DatasetConfig, dropped_metrics, get_dataset, iterate_batches
 from polyglot_jax.models import losses
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, flops, step as step_lib, train_state
@@ -132,6 +133,7 @@ def train(
     log_period: int = 100,
     nonfinite_policy: str = "stop",
     init_checkpoint: InitCheckpoint | None = None,
+    sparsity: Sparsity | None = None,
     tensorboard: bool = True,
     stop_after_step: int | None = None,
 ) -> TrainResult:
@@ -139,7 +141,8 @@ def train(
 
   Resumes from the latest checkpoint in `model_dir` when there is one (state and data position),
   otherwise initialises (optionally from `init_checkpoint`). `stop_after_step` ends the run early
-  as a preemption would, after saving (tests use it to check exact resume).
+  as a preemption would, after saving (tests use it to check exact resume). `sparsity` prunes
+  weights gradually during training (gin/sparsity/*.gin) and logs `sparsity/*` metrics.
   """
   if nonfinite_policy not in NONFINITE_POLICIES:
     raise ValueError(f"train.nonfinite_policy={nonfinite_policy!r}; use one of {NONFINITE_POLICIES}.")
@@ -148,7 +151,8 @@ def train(
   ds = get_dataset(train_dataset_cfg, converter, shard_id=jax.process_index(),
                    num_shards=jax.process_count())
   input_shapes, input_types = _input_shapes(ds, train_dataset_cfg.batch_size)
-  spec = train_state.state_spec(model, optimizer, partitioner, input_shapes, input_types)
+  spec = train_state.state_spec(model, optimizer, partitioner, input_shapes, input_types,
+                                sparsity=sparsity)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), period=checkpoint_period,
                                   keep=keep_checkpoints, async_save=async_checkpointing)
 
@@ -226,6 +230,7 @@ def train(
       seconds = max(time.time() - window_start, 1e-9)
       logged = {k: v for k, v in metrics.items() if k not in ("num_tokens", "num_sequences")}
       logged["nonfinite_updates"] = nonfinite_total
+      logged.update(dropped_metrics())
       logged["timing/steps_per_second"] = len(window) / seconds
       logged["timing/seqs_per_second"] = len(window) * train_dataset_cfg.batch_size / seconds
       logged["timing/target_tokens_per_second"] = (

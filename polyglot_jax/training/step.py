@@ -48,7 +48,8 @@ def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Parti
   Dropout randomness is `fold_in(key(dropout_seed), step)`: a function of the step alone, so a
   resumed run draws the same masks as an uninterrupted one. An update whose loss or gradients
   are not finite is skipped (state kept, step advanced) and reported as `nonfinite` = 1; the
-  loop decides whether to stop.
+  loop decides whether to stop. With `spec.sparsity`, the metrics add `sparsity/global` and
+  `sparsity/<param path>`, counted from the masks in the optimizer state.
   """
   def grads_and_sums(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
     norm = losses.normalizer(batch["decoder_loss_weights"], model.loss_normalizing_factor)
@@ -92,6 +93,8 @@ def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Parti
         num_tokens=sums["num_tokens"],
         num_sequences=sums["num_sequences"],
     )
+    if spec.sparsity is not None:
+      metrics.update(spec.sparsity.metrics(new_state.opt_state))
     return new_state, metrics
 
   batch_sharding = partitioner.batch_sharding

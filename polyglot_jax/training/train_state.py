@@ -8,7 +8,7 @@ Adam moments and Adafactor statistics exactly like the weights they track.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from polyglot_jax.parallel import partitioning
+
+if TYPE_CHECKING:
+  from polyglot_jax.compression.sparsity import Sparsity
 
 
 @flax.struct.dataclass
@@ -34,13 +37,24 @@ class StateSpec:
     abstract: TrainState of ShapeDtypeStructs carrying their shardings (a restore target).
     shardings: TrainState of NamedShardings.
     param_axes: tree of logical-axis tuples, one per parameter.
-    tx: the optimizer built for these parameters.
+    tx: the optimizer built for these parameters (wrapped by `sparsity` when given).
+    sparsity: the weight-pruning config whose masks `tx` keeps, or None (dense).
   """
 
   abstract: TrainState
   shardings: TrainState
   param_axes: Any
   tx: optax.GradientTransformation
+  sparsity: Sparsity | None = None
+
+
+class ParamsOnly:
+  """An optimizer without state, for state specs of evaluation, inference and checkpoint surgery."""
+
+  @staticmethod
+  def build(param_axes: Any) -> optax.GradientTransformation:
+    del param_axes
+    return optax.identity()
 
 
 def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
@@ -50,13 +64,20 @@ def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
 
 def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner,
                input_shapes: Mapping[str, tuple[int, ...]],
-               input_types: Mapping[str, Any] | None = None) -> StateSpec:
-  """Builds the abstract state, its shardings and the optimizer, allocating nothing."""
+               input_types: Mapping[str, Any] | None = None,
+               sparsity: Sparsity | None = None) -> StateSpec:
+  """Builds the abstract state, its shardings and the optimizer, allocating nothing.
+
+  With `sparsity`, the optimizer is wrapped by `sparsity.wrap`: its masks join the optimizer
+  state, sharded like the parameters.
+  """
   key = jax.random.key(0)
   boxed = jax.eval_shape(_init_params_fn(model, input_shapes, input_types), key)
   param_axes = partitioning.logical_axes(boxed)
   abstract_params = nn.unbox(boxed)
   tx = optimizer.build(param_axes)
+  if sparsity is not None:
+    tx = sparsity.wrap(tx, param_axes)
   abstract = jax.eval_shape(
       lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
       abstract_params)
@@ -67,7 +88,8 @@ def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner
   partitioner.check_divisible(abstract, shardings, "parameter or optimizer state")
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return StateSpec(abstract=abstract, shardings=shardings, param_axes=param_axes, tx=tx)
+  return StateSpec(abstract=abstract, shardings=shardings, param_axes=param_axes, tx=tx,
+                   sparsity=sparsity)
 
 
 def initialize(model: Any, spec: StateSpec, input_shapes: Mapping[str, tuple[int, ...]],
