@@ -3,20 +3,30 @@
 Tiny random HF models (2 layers, width 32) run in float32 on a batch of two rows, the second
 right-padded, with encoder and decoder of different lengths; logits must agree within 1e-4 on
 every real (non-padding) position. Norm scales are randomised so a mis-mapped norm cannot hide.
+Also: export -> `transformers` load, safetensors directory import (single and sharded), and greedy
+generation against `transformers` `generate`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
+import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from polyglot_jax.convert import hf
+from polyglot_jax.data import vocab
+from polyglot_jax.inference.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.decoder import DecoderOnly
 from polyglot_jax.models.encoder_decoder import EncoderDecoder
+from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 
 TOL = 1e-4
 VOCAB = 128
@@ -54,6 +64,42 @@ def _assert_close(ours: np.ndarray, theirs: np.ndarray, real: np.ndarray) -> Non
   assert diff.max() <= TOL, f"max abs logit diff {diff.max():.2e} > {TOL}"
 
 
+def _random_hf_model(config_cls: type, **extra) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+  """A tiny random HF model (seq2seq for the T5 family) and its numpy state dict."""
+  torch.manual_seed(0)
+  if config_cls in (transformers.T5Config, transformers.MT5Config, transformers.UMT5Config):
+    hf_config = config_cls(**T5_DIMS, **extra)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
+    if not hf.config_from_hf(hf_config).logits_via_embedding:
+      # transformers 5 always ties lm_head to the embedding on construction; untie it as in real
+      # T5.1.1/mT5/umT5 checkpoints.
+      model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, WIDTH) * WIDTH**-0.5)
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**LM_DIMS, **extra}))
+  return model, _prepare(model)
+
+
+def _hf_logits(model: torch.nn.Module) -> np.ndarray:
+  """The HF model's logits on the shared test batch (T5 family: encoder + decoder batch)."""
+  with torch.no_grad():
+    if model.config.is_encoder_decoder:
+      return model(input_ids=torch.tensor(ENC_TOKENS, dtype=torch.long),
+                   attention_mask=torch.tensor(ENC_TOKENS != 0, dtype=torch.long),
+                   decoder_input_ids=torch.tensor(DEC_INPUTS, dtype=torch.long),
+                   decoder_attention_mask=torch.tensor(DEC_TARGETS != 0, dtype=torch.long),
+                   ).logits.numpy()
+    return model(input_ids=torch.tensor(LM_TOKENS, dtype=torch.long),
+                 attention_mask=torch.tensor(LM_MASK, dtype=torch.long)).logits.numpy()
+
+
+def _our_logits(params, config) -> tuple[np.ndarray, np.ndarray]:
+  """Our logits on the shared test batch and the mask of its real positions."""
+  if config.num_encoder_layers:
+    return (EncoderDecoder(config).apply({"params": params}, ENC_TOKENS, DEC_INPUTS, DEC_TARGETS),
+            DEC_TARGETS != 0)
+  return DecoderOnly(config).apply({"params": params}, LM_TOKENS), LM_MASK
+
+
 @pytest.mark.parametrize("name, config_cls, extra", [
     ("t5_v1_1", transformers.T5Config, dict(feed_forward_proj="gated-gelu",
                                             tie_word_embeddings=False)),
@@ -62,21 +108,9 @@ def _assert_close(ours: np.ndarray, theirs: np.ndarray, real: np.ndarray) -> Non
     ("umt5", transformers.UMT5Config, {}),
 ])
 def test_encoder_decoder_parity(name: str, config_cls: type, extra: dict) -> None:
-  torch.manual_seed(0)
-  hf_config = config_cls(**T5_DIMS, **extra)
-  model = transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
-  config = hf.config_from_hf(hf_config)
-  if not config.logits_via_embedding:
-    # transformers 5 always ties lm_head to the embedding on construction; untie it as in real
-    # T5.1.1/mT5/umT5 checkpoints.
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, WIDTH) * WIDTH**-0.5)
-  state_dict = _prepare(model)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(ENC_TOKENS, dtype=torch.long),
-                   attention_mask=torch.tensor(ENC_TOKENS != 0, dtype=torch.long),
-                   decoder_input_ids=torch.tensor(DEC_INPUTS, dtype=torch.long),
-                   decoder_attention_mask=torch.tensor(DEC_TARGETS != 0, dtype=torch.long),
-                   ).logits.numpy()
+  model, state_dict = _random_hf_model(config_cls, **extra)
+  hf_config = model.config
+  theirs = _hf_logits(model)
   if name == "umt5":
     # transformers 5 forces tie_word_embeddings=True for UMT5 and therefore rescales the decoder
     # output by d_model**-0.5 before its (untied) lm_head; T5X's umT5 does not.
@@ -96,13 +130,9 @@ def test_encoder_decoder_parity(name: str, config_cls: type, extra: dict) -> Non
     ("cohere", transformers.CohereConfig, dict(logit_scale=0.5, layer_norm_eps=1e-5)),
 ])
 def test_decoder_only_parity(name: str, config_cls: type, extra: dict) -> None:
-  torch.manual_seed(0)
-  hf_config = config_cls(**LM_DIMS, **extra)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config)
-  state_dict = _prepare(model)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(LM_TOKENS, dtype=torch.long),
-                   attention_mask=torch.tensor(LM_MASK, dtype=torch.long)).logits.numpy()
+  model, state_dict = _random_hf_model(config_cls, **extra)
+  hf_config = model.config
+  theirs = _hf_logits(model)
   scans = (False, True) if name == "llama_gqa" else (False,)
   for scan in scans:
     cfg = hf.config_from_hf(hf_config, scan_layers=scan)
@@ -151,3 +181,107 @@ def test_params_from_hf_reports_bad_tensors() -> None:
   del bad["model.norm.weight"]
   with pytest.raises(ValueError, match="model.norm.weight: missing"):
     hf.params_from_hf(bad, cfg)
+
+
+EXPORTS = [
+    ("t5_v1_1", transformers.T5Config, dict(feed_forward_proj="gated-gelu",
+                                            tie_word_embeddings=False)),
+    ("t5_classic_tied", transformers.T5Config, dict(feed_forward_proj="relu")),
+    ("mt5", transformers.MT5Config, {}),
+    ("llama_gqa", transformers.LlamaConfig,
+     dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    ("cohere", transformers.CohereConfig, dict(logit_scale=0.5, layer_norm_eps=1e-5)),
+]
+
+
+@pytest.mark.parametrize("name, config_cls, extra", EXPORTS, ids=[e[0] for e in EXPORTS])
+def test_export_loads_in_transformers_with_the_same_logits(name, config_cls, extra, tmp_path):
+  model, state_dict = _random_hf_model(config_cls, **extra)
+  config = hf.config_from_hf(model.config, scan_layers=name == "llama_gqa")
+  params = hf.params_from_hf(state_dict, config)
+  ours, real = _our_logits(params, config)
+  hf.save_hf_checkpoint(str(tmp_path), params, config, model_type=model.config.model_type)
+  auto = (transformers.AutoModelForSeq2SeqLM if config.num_encoder_layers
+          else transformers.AutoModelForCausalLM)
+  reloaded = auto.from_pretrained(str(tmp_path))
+  assert type(reloaded) is type(model)
+  _assert_close(ours, _hf_logits(reloaded), real)
+  # Import reads back the same config and parameters.
+  config_back, params_back = hf.load_hf_checkpoint(str(tmp_path), scan_layers=config.scan_layers)
+  assert config_back == config
+  jax.tree.map(np.testing.assert_array_equal, params_back, params)
+
+
+def test_sharded_checkpoint_import_and_bad_tensor_message(tmp_path):
+  model, _ = _random_hf_model(transformers.LlamaConfig)
+  model.save_pretrained(str(tmp_path), max_shard_size="20KB")
+  with open(tmp_path / "model.safetensors.index.json") as f:
+    weight_map = json.load(f)["weight_map"]
+  assert len(set(weight_map.values())) > 2
+  config, params = hf.load_hf_checkpoint(str(tmp_path))
+  ours, real = _our_logits(params, config)
+  _assert_close(ours, _hf_logits(model), real)
+
+  # A mis-shaped tensor: one line naming the tensor, the expected and the found shapes.
+  name = "model.layers.1.self_attn.k_proj.weight"
+  shard = os.path.join(tmp_path, weight_map[name])
+  tensors = safetensors.numpy.load_file(shard)
+  tensors[name] = np.zeros((32, 32), np.float32)
+  safetensors.numpy.save_file(tensors, shard, metadata={"format": "pt"})
+  with pytest.raises(ValueError) as error:
+    hf.load_hf_checkpoint(str(tmp_path))
+  assert str(error.value) == f"{name}: expected shape (16, 32), found (32, 32)."
+
+
+def test_vocabulary_loads_from_the_checkpoint_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no spiece.model or tokenizer.model"):
+    hf.load_hf_vocabulary(str(tmp_path))
+  (tmp_path / "spiece.model").write_bytes(open(vocab.DEFAULT_VOCAB_PATH, "rb").read())
+  assert hf.load_hf_vocabulary(str(tmp_path), extra_ids=100).vocab_size == 8100
+
+
+def _boost_eos(model: torch.nn.Module) -> None:
+  """Makes EOS likelier (in both frameworks alike) so that generation stops inside the test."""
+  with torch.no_grad():
+    model.get_output_embeddings().weight[EOS_ID] *= 3.0
+
+
+@pytest.mark.parametrize("config_cls", [transformers.MT5Config, transformers.T5Config])
+def test_greedy_generation_matches_transformers_encoder_decoder(config_cls):
+  model, _ = _random_hf_model(config_cls)
+  _boost_eos(model)
+  config = hf.config_from_hf(model.config)
+  params = hf.params_from_hf(_prepare(model), config)
+  length = 8
+  with torch.no_grad():
+    theirs = model.generate(input_ids=torch.tensor(ENC_TOKENS, dtype=torch.long),
+                            attention_mask=torch.tensor(ENC_TOKENS != 0, dtype=torch.long),
+                            decoder_start_token_id=0, do_sample=False, num_beams=1,
+                            max_new_tokens=length).numpy()[:, 1:]
+  batch = {"encoder_input_tokens": ENC_TOKENS,
+           "decoder_target_tokens": np.zeros((2, length), np.int32)}
+  ours = jax.jit(EncoderDecoderModel(config).predict_batch)(params, batch)
+  theirs = np.pad(theirs, ((0, 0), (0, length - theirs.shape[1])))
+  np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("config_cls", [transformers.LlamaConfig, transformers.CohereConfig])
+def test_greedy_generation_matches_transformers_decoder_only(config_cls):
+  model, _ = _random_hf_model(config_cls, eos_token_id=EOS_ID, bos_token_id=2)
+  _boost_eos(model)
+  config = hf.config_from_hf(model.config)
+  params = hf.params_from_hf(_prepare(model), config)
+  prompts, new_tokens = [[5, 17, 9, 33, 2], [7, 4, 21]], 6
+  width = max(map(len, prompts))
+  left = np.array([[0] * (width - len(p)) + p for p in prompts])  # HF: left-padded
+  with torch.no_grad():
+    theirs = model.generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(left > 0),
+                            do_sample=False, num_beams=1, max_new_tokens=new_tokens,
+                            pad_token_id=0).numpy()[:, width:]
+  length = width + new_tokens - 1  # the longest prompt can emit `new_tokens`
+  buffer = np.array([p + [0] * (length - len(p)) for p in prompts], np.int32)  # ours: right
+  causal = (buffer > 0).astype(np.int32)
+  batch = {"decoder_input_tokens": buffer, "decoder_causal_attention": causal}
+  ours = jax.jit(DecoderOnlyModel(config).predict_batch)(params, batch)[:, :new_tokens]
+  theirs = np.pad(theirs, ((0, 0), (0, new_tokens - theirs.shape[1])))
+  np.testing.assert_array_equal(ours, theirs)

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from polyglot_jax.inference import decoding
+from polyglot_jax.inference.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.config import TransformerConfig
-from polyglot_jax.models.model import EOS_ID, DecoderOnlyModel, EncoderDecoderModel, _decode_loop
+from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 
 # T5.1.1-like: relative bias, gated-GELU, untied logits.
 T5 = TransformerConfig(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -295,11 +297,12 @@ def _toy_logits(tokens):
 def test_decode_loop_stops_at_eos_and_pads():
   prompt = jnp.array([[0, 0, 0, 0, 0, 0], [0, 5, 0, 0, 0, 0]])  # row 1's prompt is (0, 5)
   start = jnp.array([0, 1])
-  out, scores = _decode_loop(_toy_logits, prompt, start, None, 0.0)
+  toy = decoding.recompute_step(_toy_logits, prompt, start)
+  out, scores = decoding.sample(toy, None, decoding.DecoderParams())
   # Row 0 stops at EOS and is 0-padded; row 1 never emits EOS and fills length - start tokens.
   np.testing.assert_array_equal(out, [[2, 4, EOS_ID, 0, 0, 0], [7, 9, 11, 13, 15, 0]])
   assert scores.shape == (2,) and bool(jnp.all(scores <= 0))
-  hot, _ = _decode_loop(_toy_logits, prompt, start, jax.random.key(0), 100.0)
+  hot, _ = decoding.sample(toy, jax.random.key(0), decoding.DecoderParams(temperature=100.0))
   assert not np.array_equal(hot, out)  # sampling at a high temperature leaves the greedy path
 
 

@@ -1,19 +1,30 @@
-"""Hugging Face checkpoints -> polyglot_jax configs and parameter trees.
+"""Hugging Face checkpoints <-> polyglot_jax configs and parameter trees.
 
 Supported: T5 (classic and v1.1), mT5, umT5, Llama and Cohere(-Command). The mapping is one table
 of `TensorMap` rows (our path, HF name, our shape, layout); each row's layout change is a
 transpose + reshape with a known inverse (`to_hf`), so exporting back to HF reads the same table.
+Import reads a local directory of safetensors (one file, or shards listed by
+`model.safetensors.index.json`) tensor by tensor; export writes `model.safetensors` and a
+`config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from typing import Any, Mapping
+import os
+from typing import Any, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
+import seqio
+import transformers
 
+from polyglot_jax.data import vocab
 from polyglot_jax.models.config import TransformerConfig
 
 # HF activation names -> ours (`layers.ACTIVATIONS`); "gelu_new" is the tanh approximation.
@@ -278,3 +289,184 @@ def params_from_hf(state_dict: Mapping[str, Any], config: TransformerConfig) -> 
         for tensor in layer:
           _put(params, tensor.path, jnp.asarray(_fetch(state_dict, tensor), dtype))
   return params
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def params_to_hf(params: Mapping[str, Any], config: TransformerConfig) -> dict[str, np.ndarray]:
+  """HF state dict (contiguous numpy arrays) of our unboxed params: the inverse of
+  `params_from_hf`. Tied tensors are written once (HF re-ties them on load)."""
+  maps, stacks = tensor_maps(config)
+  state_dict = {t.hf_name: t.to_hf(np.asarray(_get(params, t.path))) for t in maps}
+  for per_layer in stacks.values():
+    for i, layer in enumerate(per_layer):
+      for tensor in layer:
+        if config.scan_layers:
+          path = tuple("layers" if p.startswith("layers_") else p for p in tensor.path)
+          array = np.asarray(_get(params, path))[i]
+        else:
+          array = np.asarray(_get(params, tensor.path))
+        state_dict[tensor.hf_name] = tensor.to_hf(array)
+  return {name: np.ascontiguousarray(array) for name, array in state_dict.items()}
+
+
+_HF_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu"}
+_HF_CLASSES = {
+    "t5": (transformers.T5Config, "T5ForConditionalGeneration"),
+    "mt5": (transformers.MT5Config, "MT5ForConditionalGeneration"),
+    "umt5": (transformers.UMT5Config, "UMT5ForConditionalGeneration"),
+    "llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
+    "cohere": (transformers.CohereConfig, "CohereForCausalLM"),
+}
+
+
+def _require(ok: bool, model_type: str, what: str) -> None:
+  if not ok:
+    raise ValueError(f"Cannot export to HF {model_type!r}: {what}.")
+
+
+def config_to_hf(config: TransformerConfig, model_type: str | None = None,
+                 **hf_overrides: Any) -> transformers.PretrainedConfig:
+  """The transformers config of `config`: the inverse of `config_from_hf`.
+
+  Args:
+    config: our architecture.
+    model_type: "t5", "mt5", "umt5", "llama" or "cohere"; default "t5"/"umt5" for
+      encoder-decoders (mT5 is T5.1.1 with another vocabulary: say "mt5"), "cohere" for parallel
+      blocks, else "llama".
+    **hf_overrides: extra config fields, e.g. token ids (defaults: pad 0, EOS 1, as seqio).
+  """
+  cfg = config
+  encoder_decoder = cfg.num_encoder_layers > 0
+  if model_type is None:
+    if encoder_decoder:
+      model_type = "umt5" if cfg.per_layer_relative_bias else "t5"
+    else:
+      model_type = "cohere" if cfg.parallel_block else "llama"
+  if model_type not in _HF_CLASSES:
+    raise ValueError(f"model_type={model_type!r}: use one of {sorted(_HF_CLASSES)}.")
+  config_cls, architecture = _HF_CLASSES[model_type]
+  activation, *gate = cfg.mlp_activations
+  _require(activation in _HF_ACTIVATIONS and gate in ([], ["linear"]), model_type,
+           f"mlp_activations={cfg.mlp_activations}")
+  _require((model_type in _T5_FAMILY) == encoder_decoder, model_type,
+           f"num_encoder_layers={cfg.num_encoder_layers}")
+  fields: dict[str, Any] = dict(vocab_size=cfg.vocab_size, pad_token_id=0, eos_token_id=1,
+                                tie_word_embeddings=cfg.logits_via_embedding,
+                                architectures=[architecture])
+  if encoder_decoder:
+    _require(cfg.position_embedding == "relative" and cfg.norm_type == "rms"
+             and not cfg.scale_attention and cfg.kv_heads == cfg.num_heads
+             and cfg.logit_scale == 1.0, model_type, "not a T5 architecture")
+    _require(cfg.per_layer_relative_bias == (model_type == "umt5"), model_type,
+             f"per_layer_relative_bias={cfg.per_layer_relative_bias}")
+    _require(model_type == "t5" or not cfg.logits_via_embedding, model_type,
+             "only classic T5 ties the output projection to the embedding")
+    _require(cfg.scale_tied_logits or not cfg.logits_via_embedding, model_type,
+             "tied logits must be rescaled by emb_dim**-0.5")
+    hf_activation = _HF_ACTIVATIONS[activation]
+    fields.update(
+        d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
+        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        dropout_rate=cfg.dropout_rate, layer_norm_epsilon=cfg.norm_epsilon,
+        feed_forward_proj=f"gated-{hf_activation}" if gate else hf_activation,
+        decoder_start_token_id=0)
+  else:
+    cohere = model_type == "cohere"
+    _require(cfg.position_embedding == "rope" and cfg.scale_attention and gate
+             and cfg.rope_interleaved == cohere and cfg.parallel_block == cohere
+             and cfg.norm_type == ("layer" if cohere else "rms") and not cfg.scale_tied_logits,
+             model_type, f"not a {model_type} architecture")
+    _require(cohere or cfg.logit_scale == 1.0, model_type, f"logit_scale={cfg.logit_scale}")
+    _require(not cohere or cfg.head_dim * cfg.num_heads == cfg.emb_dim, model_type,
+             "Cohere needs head_dim * num_heads == emb_dim")
+    fields.update(
+        hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads, hidden_act=_HF_ACTIVATIONS[activation],
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    if cohere:
+      fields.update(layer_norm_eps=cfg.norm_epsilon, logit_scale=cfg.logit_scale)
+    else:
+      fields.update(head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_epsilon)
+  fields.update(hf_overrides)
+  return config_cls(**fields)
+
+
+def save_hf_checkpoint(directory: str, params: Mapping[str, Any], config: TransformerConfig,
+                       model_type: str | None = None, **hf_overrides: Any) -> None:
+  """Writes `model.safetensors` and `config.json` (see `config_to_hf`) into `directory`."""
+  hf_config = config_to_hf(config, model_type, **hf_overrides)
+  os.makedirs(directory, exist_ok=True)
+  hf_config.save_pretrained(directory)
+  safetensors.numpy.save_file(params_to_hf(params, config),
+                              os.path.join(directory, "model.safetensors"),
+                              metadata={"format": "pt"})
+
+
+class SafetensorsDirectory(Mapping[str, np.ndarray]):
+  """The tensors of a local HF checkpoint, read one at a time on access.
+
+  `model.safetensors.index.json` (sharded) names each tensor's file; otherwise every tensor is in
+  `model.safetensors`. Tensors come back as numpy arrays (bfloat16 via ml_dtypes), read on the
+  CPU whatever the default device.
+  """
+
+  def __init__(self, directory: str) -> None:
+    self._directory = directory
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+      with open(index, encoding="utf-8") as f:
+        self._weight_map: dict[str, str] = json.load(f)["weight_map"]
+    elif os.path.exists(single):
+      with safetensors.safe_open(single, framework="flax") as f:
+        self._weight_map = {name: "model.safetensors" for name in f.keys()}
+    else:
+      raise FileNotFoundError(f"{directory}: neither model.safetensors nor "
+                              "model.safetensors.index.json.")
+    self._files: dict[str, Any] = {}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    filename = self._weight_map[name]
+    if filename not in self._files:
+      self._files[filename] = safetensors.safe_open(os.path.join(self._directory, filename),
+                                                    framework="flax")
+    with jax.default_device(jax.devices("cpu")[0]):
+      return np.asarray(self._files[filename].get_tensor(name))
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._weight_map
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._weight_map)
+
+  def __len__(self) -> int:
+    return len(self._weight_map)
+
+
+def load_hf_checkpoint(directory: str,
+                       **overrides: Any) -> tuple[TransformerConfig, dict[str, Any]]:
+  """(config, unboxed params) of the HF checkpoint in a local directory (`config.json` +
+  safetensors, single file or sharded). `overrides` are TransformerConfig fields (dtype,
+  scan_layers, ...); a missing or mis-shaped tensor raises a one-line ValueError."""
+  config = config_from_hf(transformers.AutoConfig.from_pretrained(directory), **overrides)
+  return config, params_from_hf(SafetensorsDirectory(directory), config)
+
+
+def load_hf_vocabulary(directory: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """The SentencePiece vocabulary next to the weights: `spiece.model` (T5/mT5/umT5) or
+  `tokenizer.model` (Llama). HF's T5 tokenizer appends 100 sentinels to `spiece.model`: pass
+  `extra_ids=100` for T5.1.1 (mT5's model already holds them). Cohere ships a BPE
+  `tokenizer.json`, which seqio cannot read."""
+  for name in ("spiece.model", "tokenizer.model"):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return vocab.get_vocabulary(path, extra_ids=extra_ids)
+  raise FileNotFoundError(f"{directory}: no spiece.model or tokenizer.model (SentencePiece).")

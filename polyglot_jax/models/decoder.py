@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from polyglot_jax.models import layers
 from polyglot_jax.models.config import TransformerConfig
@@ -26,18 +27,22 @@ class DecoderLayer(nn.Module):
 
   config: TransformerConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
-               positions: Array) -> tuple[Array, None]:
+               positions: Array, key_positions: Array) -> tuple[Array, None]:
     """Updates the [batch, length, embed] residual stream `x`.
 
     Args:
       x: decoder activations.
-      encoded: [batch, enc_length, embed] encoder output, or None for decoder-only models.
-      self_bias: float32 [batch, heads|1, length, length] mask (+ shared relative) bias.
-      cross_bias: float32 [batch, 1, length, enc_length] mask bias, or None.
-      positions: [batch, length] token positions (RoPE, per-layer relative bias).
+      encoded: [batch, enc_length, embed] encoder output; None for decoder-only models and for
+        decoding steps, which read the cached cross-attention keys/values.
+      self_bias: float32 [batch, heads|1, length, kv_length] mask (+ shared relative) bias.
+      cross_bias: float32 [batch, 1, length, enc_length] mask bias; None without cross-attention.
+      positions: [batch, length] token positions (RoPE, per-layer relative bias, cache slots).
+      key_positions: [batch, kv_length] positions of the self-attention keys (= `positions`,
+        except in decoding steps where the keys are the whole cache).
     Returns:
       (x, None), the nn.scan carry convention.
     """
@@ -45,15 +50,15 @@ class DecoderLayer(nn.Module):
     drop = layers.make_dropout(cfg)
     if cfg.position_embedding == "relative" and cfg.per_layer_relative_bias:
       self_bias = self_bias + layers.RelativePositionBias(
-          cfg, bidirectional=False, name="relpos_bias")(positions, positions)
+          cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)
     h = layers.make_norm(cfg, "pre_self_attention_layer_norm")(x)  # [batch, length, embed]
     y = layers.Attention(cfg, name="self_attention")(
-        h, h, self_bias, positions, self.deterministic)  # [batch, length, embed]
+        h, h, self_bias, positions, self.deterministic, self.decode)  # [batch, length, embed]
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
-    if encoded is not None:
+    if cross_bias is not None:
       g = layers.make_norm(cfg, "pre_cross_attention_layer_norm")(x)  # [batch, length, embed]
       y = layers.Attention(cfg, name="encoder_decoder_attention")(
-          g, encoded, cross_bias, None, self.deterministic)  # [batch, length, embed]
+          g, encoded, cross_bias, None, self.deterministic, self.decode)  # [b, length, embed]
       x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     if not cfg.parallel_block:
       h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
@@ -84,32 +89,56 @@ class Decoder(nn.Module):
                decoder_positions: Array | None = None,
                decoder_causal_attention: Array | None = None,
                *,
-               enable_dropout: bool = False) -> Array:
+               enable_dropout: bool = False,
+               decode: bool = False,
+               prefill_lengths: Array | None = None) -> Array:
     """Returns [batch, length, vocab] logits for [batch, length] decoder input tokens.
+
+    Decoding (T5X-style, `decode=True`, 'cache' mutable) runs in two phases. Prefill
+    (`prefill_lengths` given): `decoder_input_tokens` is the whole [batch, cache_length] buffer,
+    each row's prompt left-aligned; this pass creates the cache (keys/values of every slot, the
+    projected encoder output) and returns [batch, 1, vocab] logits after each row's prompt (only
+    there: a full [batch, length, vocab] would be large). Steps (`prefill_lengths`
+    None): one [batch, 1] token per row goes into slot `cache_index` (= the row's prompt length,
+    then +1 per step) and attends to the slots up to it; `encoded` and `encoder_segments` are then
+    None, read from the cache. Every cache leaf is per row, so beam search can reorder rows.
 
     Args:
       decoder_input_tokens: shifted-right targets (or the prompt while decoding).
       encoded: [batch, enc_length, embed] encoder output; None for decoder-only models.
-      encoder_segments: [batch, enc_length] encoder segment ids or 1/0 padding indicator.
+      encoder_segments: [batch, enc_length] encoder segment ids or 1/0 padding indicator; given
+        iff the decoder cross-attends (encoder-decoder models; cached while decoding).
       decoder_target_tokens: marks padding (0) when segment ids are absent, as in T5X.
       decoder_segment_ids: packed segment ids, 0 on padding.
       decoder_positions: positions restarting in each packed segment; default arange.
       decoder_causal_attention: PrefixLM's 1-on-prefix indicator; None for a causal decoder.
       enable_dropout: apply dropout (training).
+      decode: use and update the 'cache' collection (see above).
+      prefill_lengths: [batch] prompt lengths; marks the prefill call while decoding.
     """
     cfg = self.config
     deterministic = not enable_dropout
     drop = layers.make_dropout(cfg)
-    segments = layers.segments_or_padding(decoder_segment_ids, decoder_target_tokens,
-                                          decoder_input_tokens)  # [batch, length]
-    positions = layers.positions_or_arange(decoder_positions, decoder_input_tokens)  # [b, l]
-    self_bias = layers.mask_to_bias(
-        layers.decoder_self_mask(segments, decoder_causal_attention))  # [batch, 1, len, len]
+    if decode and prefill_lengths is None:
+      segments, positions, key_positions, self_bias = self._step_positions()
+      encoder_segments = self.get_variable("cache", "encoder_segments")  # [b, enc_len] | None
+    else:
+      segments = layers.segments_or_padding(decoder_segment_ids, decoder_target_tokens,
+                                            decoder_input_tokens)  # [batch, length]
+      positions = layers.positions_or_arange(decoder_positions, decoder_input_tokens)  # [b, l]
+      key_positions = positions  # [batch, length]
+      self_bias = layers.mask_to_bias(
+          layers.decoder_self_mask(segments, decoder_causal_attention))  # [batch, 1, len, len]
+      if decode:
+        self.put_variable("cache", "cache_index", prefill_lengths.astype(jnp.int32))  # [batch]
+        self.put_variable("cache", "key_positions", key_positions)  # [batch, cache_length]
+        if encoder_segments is not None:
+          self.put_variable("cache", "encoder_segments", encoder_segments)  # [batch, enc_len]
     if cfg.position_embedding == "relative" and not cfg.per_layer_relative_bias:
       self_bias = self_bias + layers.RelativePositionBias(
-          cfg, bidirectional=False, name="relpos_bias")(positions, positions)  # [b, h, l, l]
+          cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)  # [b,h,l,kv]
     cross_bias = None
-    if encoded is not None:
+    if encoder_segments is not None:
       cross_bias = layers.mask_to_bias(
           layers.segment_mask(segments, encoder_segments))  # [batch, 1, length, enc_length]
 
@@ -120,10 +149,14 @@ class Decoder(nn.Module):
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = layers.stack_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x, encoded, self_bias,
-                            cross_bias, positions, deterministic=deterministic)
+                            cross_bias, positions, key_positions, deterministic=deterministic,
+                            decode=decode)
     y = layers.make_norm(cfg, "decoder_norm")(x)  # [batch, length, embed]
     y = drop(y, deterministic=deterministic)  # [batch, length, embed]
     self.sow("intermediates", "pre_logits", y)
+    if decode and prefill_lengths is not None:
+      last = (prefill_lengths - 1).astype(jnp.int32)[:, None, None]  # [batch, 1, 1]
+      y = jnp.take_along_axis(y, last, axis=1)  # [batch, 1, embed]
     if cfg.logits_via_embedding:
       logits = embedder.attend(y)  # [batch, length, vocab]
       if cfg.scale_tied_logits:
@@ -134,6 +167,23 @@ class Decoder(nn.Module):
     if cfg.logit_scale != 1.0:
       logits = logits * cfg.logit_scale  # [batch, length, vocab]
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _step_positions(self) -> tuple[Array, Array, Array, Array]:
+    """(segments, positions, key_positions, self_bias) of one decoding step; advances the index.
+
+    The step's token sits at slot `cache_index` and sees every slot up to it: prompt slots hold
+    the prefill's keys, later ones the earlier steps'.
+    """
+    index = self.get_variable("cache", "cache_index")  # [batch]
+    if index is None:
+      raise ValueError("Decoding step without a cache: call with decode=True and prefill_lengths "
+                       "first (the prefill pass creates the cache).")
+    key_positions = self.get_variable("cache", "key_positions")  # [batch, cache_length]
+    positions = index[:, None]  # [batch, 1]
+    self.put_variable("cache", "cache_index", index + 1)
+    allowed = key_positions[:, None, :] <= positions[:, :, None]  # [batch, 1, cache_length]
+    self_bias = layers.mask_to_bias(allowed[:, None])  # [batch, 1, 1, cache_length]
+    return jnp.ones_like(positions), positions, key_positions, self_bias
 
 
 class DecoderOnly(nn.Module):
@@ -149,12 +199,17 @@ class DecoderOnly(nn.Module):
                decoder_positions: Array | None = None,
                decoder_causal_attention: Array | None = None,
                *,
-               enable_dropout: bool = False) -> Array:
-    """Returns [batch, length, vocab] logits; see `Decoder.__call__` for the features."""
+               enable_dropout: bool = False,
+               decode: bool = False,
+               prefill_lengths: Array | None = None) -> Array:
+    """Returns [batch, length, vocab] logits; see `Decoder.__call__` for the features and the
+    decoding cache."""
     return Decoder(self.config, name="decoder")(
         decoder_input_tokens,
         decoder_target_tokens=decoder_target_tokens,
         decoder_segment_ids=decoder_segment_ids,
         decoder_positions=decoder_positions,
         decoder_causal_attention=decoder_causal_attention,
-        enable_dropout=enable_dropout)
+        enable_dropout=enable_dropout,
+        decode=decode,
+        prefill_lengths=prefill_lengths)

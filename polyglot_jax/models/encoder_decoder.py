@@ -95,20 +95,29 @@ class EncoderDecoder(nn.Module):
                         enable_dropout=enable_dropout)
 
   def decode(self,
-             encoded: Array,
-             encoder_input_tokens: Array,
+             encoded: Array | None,
+             encoder_input_tokens: Array | None,
              decoder_input_tokens: Array,
              decoder_target_tokens: Array | None = None,
              encoder_segment_ids: Array | None = None,
              decoder_segment_ids: Array | None = None,
              decoder_positions: Array | None = None,
              *,
-             enable_dropout: bool = False) -> Array:
-    """[batch, length] decoder inputs attending to `encoded` -> [batch, length, vocab] logits."""
-    encoder_segments = layers.segments_or_padding(encoder_segment_ids, encoder_input_tokens,
-                                                  encoder_input_tokens)  # [batch, enc_length]
+             enable_dropout: bool = False,
+             decode: bool = False,
+             prefill_lengths: Array | None = None) -> Array:
+    """[batch, length] decoder inputs attending to `encoded` -> [batch, length, vocab] logits.
+
+    `decode`/`prefill_lengths` drive the decoding cache (`Decoder.__call__`); decoding steps pass
+    `encoded=None` and `encoder_input_tokens=None`: the prefill cached what they need.
+    """
+    encoder_segments = None
+    if encoded is not None:
+      encoder_segments = layers.segments_or_padding(encoder_segment_ids, encoder_input_tokens,
+                                                    encoder_input_tokens)  # [batch, enc_length]
     return self.decoder(decoder_input_tokens, encoded, encoder_segments, decoder_target_tokens,
-                        decoder_segment_ids, decoder_positions, enable_dropout=enable_dropout)
+                        decoder_segment_ids, decoder_positions, enable_dropout=enable_dropout,
+                        decode=decode, prefill_lengths=prefill_lengths)
 
   def __call__(self,
                encoder_input_tokens: Array,

@@ -236,16 +236,21 @@ class Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, positions: Array | None = None,
-               deterministic: bool = True) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array,
+               positions: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
     """Attends [batch, q_length, embed] queries to [batch, kv_length, embed] memory.
 
     Args:
       inputs_q: query-side activations.
-      inputs_kv: key/value-side activations (the same array for self-attention).
-      bias: float32 additive bias broadcastable to [batch, heads, q_length, kv_length].
-      positions: [batch, length] positions for RoPE self-attention; None otherwise.
+      inputs_kv: key/value-side activations (the same array for self-attention); None while
+        decoding reads the cross-attention keys/values cached by an earlier call.
+      bias: float32 additive bias broadcastable to [batch, heads, q_length, kv_length]; while
+        decoding, kv_length is the cache length.
+      positions: [batch, q_length] positions of self-attention queries (RoPE, and the cache slots
+        written while decoding); None for cross-attention.
       deterministic: disables dropout on the attention weights.
+      decode: use the 'cache' collection (see `_cached_kv`).
     """
     cfg = self.config
     dtypes = dtype_kwargs(cfg)
@@ -255,13 +260,20 @@ class Attention(nn.Module):
       query_init = _scaled(default_kernel_init, cfg.head_dim**-0.5)
     q = DenseGeneral((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"),
                      kernel_init=query_init, name="query", **dtypes)(inputs_q)  # [b, q, heads, kv]
-    k = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
-                     name="key", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
-    v = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
-                     name="value", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
-    if cfg.position_embedding == "rope" and positions is not None:
+    rope = cfg.position_embedding == "rope" and positions is not None
+    if rope:
       q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_interleaved).astype(q.dtype)
-      k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_interleaved).astype(k.dtype)
+    if inputs_kv is None:
+      k, v = self._cached_kv(None, None, None)  # [b, kv_length, kv_heads, kv] each
+    else:
+      k = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
+                       name="key", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
+      v = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
+                       name="value", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
+      if rope:
+        k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_interleaved).astype(k.dtype)
+      if decode:
+        k, v = self._cached_kv(k, v, positions)  # [b, cache_length, kv_heads, kv] each
     if cfg.scale_attention:
       q = q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)  # [batch, q_length, heads, kv]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
@@ -284,6 +296,31 @@ class Attention(nn.Module):
                        **dtypes)(out)  # [batch, q_length, embed]
     out = checkpoint_name(out, "attention_out")  # [batch, q_length, embed]
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _cached_kv(self, k: Array | None, v: Array | None,
+                 positions: Array | None) -> tuple[Array, Array]:
+    """Keys and values of the 'cache' collection (T5X-style decoding), updated by this call.
+
+    Self-attention (`positions` given) writes this call's [batch, q_length, kv_heads, kv] keys and
+    values into slots `positions` of a [batch, cache_length, kv_heads, kv] cache, which the first
+    (prefill) call creates with its own length; writes past the end are dropped. Cross-attention
+    (`positions` None) stores the projected encoder output once; with `k` None it reads it back.
+    """
+    if k is None:
+      k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+      if k is None:
+        raise ValueError(f"{self.name}: no cached keys; prefill the cache (decode=True with "
+                         "the encoder output) before decoding steps.")
+      return k, v
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    if positions is None:
+      cached_k.value, cached_v.value = k, v
+    else:
+      rows = jnp.arange(k.shape[0])[:, None]  # [batch, 1]
+      cached_k.value = cached_k.value.at[rows, positions].set(k, mode="drop")  # [b, cache, h, kv]
+      cached_v.value = cached_v.value.at[rows, positions].set(v, mode="drop")  # [b, cache, h, kv]
+    return cached_k.value, cached_v.value
 
 
 class Mlp(nn.Module):
@@ -369,13 +406,14 @@ def stack_layers(layer_cls: type[nn.Module], config: TransformerConfig, num_laye
   Unrolled layers are named `layers_{i}`; with `config.scan_layers` one `nn.scan`ned layer named
   `layers` holds every parameter with a leading axis named "layers". `config.remat_policy` wraps
   each layer in `nn.remat`. Layers are called as `layer(x, *args) -> (x, None)`, the nn.scan carry
-  convention; `args` are broadcast to every layer.
+  convention; `args` are broadcast to every layer. A scanned decoding cache gets the same leading
+  layers axis; decoding (`decode=True` in `layer_kwargs`) skips remat, which only serves gradients.
   """
-  if config.remat_policy != "none":
+  if config.remat_policy != "none" and not layer_kwargs.get("decode", False):
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(args), length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})

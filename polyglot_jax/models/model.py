@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import seqio
 
+from polyglot_jax.inference import decoding
 from polyglot_jax.models import losses
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.decoder import DecoderOnly
@@ -26,57 +27,10 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
 
-EOS_ID = 1  # seqio/T5 vocabularies: 0 = padding (and decoder BOS), 1 = EOS.
-
-
-def _decode_loop(logits_fn: Callable[[Array], Array], tokens: Array, start: Array,
-                 rng: Array | None, temperature: float) -> tuple[Array, Array]:
-  """Greedy (or temperature-sampled) decoding that recomputes the whole prefix every step.
-
-  Position i's logits predict decoder input i+1. Row b emits from position `start[b]` on, writing
-  its outputs left-aligned; it stops after EOS, and everything after EOS stays 0.
-
-  Args:
-    logits_fn: [batch, length] decoder input tokens -> [batch, length, vocab] logits.
-    tokens: [batch, length] decoder inputs holding each row's prompt (at least the 0 BOS).
-    start: [batch] first position whose prediction is emitted (prompt length - 1).
-    rng: sampling key; None (or temperature 0) decodes greedily.
-    temperature: softmax temperature for sampling.
-  Returns:
-    (outputs [batch, length], scores [batch]): emitted tokens and the sum of their log-probs
-    under the untempered model distribution.
-  """
-  batch, length = tokens.shape
-  index = jnp.arange(length)  # [length]
-  sample = rng is not None and temperature > 0
-
-  def cond(state: tuple[Array, ...]) -> Array:
-    i, _, _, done, _ = state
-    return (i < length) & ~jnp.all(done)
-
-  def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
-    i, tokens, outputs, done, scores = state
-    logits = jax.lax.dynamic_index_in_dim(logits_fn(tokens), i, axis=1, keepdims=False)  # [b, V]
-    logits = logits.astype(jnp.float32)  # [batch, vocab]
-    if sample:
-      chosen = jax.random.categorical(jax.random.fold_in(rng, i), logits / temperature)  # [b]
-    else:
-      chosen = jnp.argmax(logits, axis=-1)  # [batch]
-    active = (i >= start) & ~done  # [batch]
-    chosen = jnp.where(active, chosen, 0).astype(tokens.dtype)  # [batch]
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
-    scores = scores + jnp.where(active, log_prob, 0.0)  # [batch]
-    write_out = active[:, None] & (index[None, :] == (i - start)[:, None])  # [batch, length]
-    outputs = jnp.where(write_out, chosen[:, None], outputs)  # [batch, length]
-    write_in = active[:, None] & (index[None, :] == i + 1)  # [batch, length]
-    tokens = jnp.where(write_in, chosen[:, None], tokens)  # [batch, length]
-    done = done | (active & (chosen == EOS_ID))  # [batch]
-    return i + 1, tokens, outputs, done, scores
-
-  state = (jnp.min(start), tokens, jnp.zeros_like(tokens), jnp.zeros((batch,), bool),
-           jnp.zeros((batch,), jnp.float32))
-  _, _, outputs, _, scores = jax.lax.while_loop(cond, body, state)
-  return outputs, scores
+# Applies the decoder with a batch's context (encoder output, PrefixLM mask) bound:
+# (variables, [batch, length] tokens, decode=, prefill_lengths=) -> logits, plus the mutated
+# 'cache' collection when decoding.
+DecoderFn = Callable[..., Any]
 
 
 class BaseTransformerModel(abc.ABC):
@@ -108,9 +62,32 @@ class BaseTransformerModel(abc.ABC):
     """Batch features passed to `self.module` (when present in the batch)."""
 
   @abc.abstractmethod
-  def _decoding_inputs(self, params: Params, batch: Batch
-                       ) -> tuple[Callable[[Array], Array], Array, Array]:
-    """(logits_fn, initial decoder tokens [batch, length], start [batch]) for `_decode_loop`."""
+  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
+    """(decoder_fn, initial decoder tokens [batch, length], start [batch]).
+
+    Row b's prompt fills `tokens[b, :start[b] + 1]`; its first output is predicted at `start[b]`.
+    """
+
+  def decoding_start(self, params: Params, batch: Batch,
+                     use_cache: bool = True) -> decoding.DecodingStart:
+    """Reads the prompts: with `use_cache`, one prefill pass fills the KV cache and each step
+    then runs one token per row; otherwise every step re-runs the whole prefix."""
+    decoder_fn, tokens, start = self._decoding_inputs(params, batch)
+    if not use_cache:
+      return decoding.recompute_step(lambda t: decoder_fn({"params": params}, t), tokens, start)
+    logits, cache = decoder_fn({"params": params}, tokens, decode=True,
+                               prefill_lengths=start + 1)  # [batch, 1, vocab]
+
+    def step(token: Array, cache: Any) -> tuple[Array, Any]:
+      logits, cache = decoder_fn({"params": params, **cache}, token[:, None],
+                                 decode=True)  # [batch, 1, vocab]
+      return logits[:, 0], cache
+
+    # Scanned layers stack their cache on a leading "layers" axis: the batch axis is then 1.
+    axes = jax.tree_util.tree_map_with_path(
+        lambda path, _: int(any(getattr(key, "key", None) == "layers" for key in path)), cache)
+    return decoding.DecodingStart(step, logits[:, 0], cache, axes, tokens.shape[1] - start,
+                                  tokens.shape[1])
 
   def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None = None,
               mutable: list[str] | bool = False) -> Any:
@@ -170,23 +147,29 @@ class BaseTransformerModel(abc.ABC):
     return (scores, state["intermediates"]) if return_intermediates else scores
 
   def predict_batch_with_aux(self, params: Params, batch: Batch, rng: Array | None = None,
-                             decoder_params: Mapping[str, Any] | None = None
+                             decoder_params: Mapping[str, Any] | None = None,
+                             return_all_decodes: bool = False
                              ) -> tuple[Array, dict[str, Array]]:
-    """Decodes a batch: (tokens [batch, max_decode_len], {'scores': [batch]}).
+    """Decodes a batch with the KV cache: (tokens [batch, max_decode_len], {'scores': [batch]}).
 
-    Greedy by default; `decoder_params={'temperature': t}` with an `rng` samples at temperature
-    t. Each row stops at EOS (id 1) and is 0-padded after it. No KV cache yet: every step re-runs
-    the whole prefix inside one `lax.while_loop`, so the call is jit-able.
+    Greedy by default. `decoder_params` (see `decoding.DecoderParams`): `temperature`, `top_k`,
+    `top_p` sample with `rng`; `beam_size` and `alpha` select beam search; `num_decodes` decodes
+    per input; `use_cache=False` recomputes the prefix every step. Each row stops at EOS (id 1)
+    and is 0-padded after it. With `return_all_decodes` the outputs are [batch, num_decodes,
+    max_decode_len] and [batch, num_decodes], best first; otherwise the best one. Jit-able.
     """
-    temperature = float((decoder_params or {}).get("temperature", 0.0))
-    logits_fn, tokens, start = self._decoding_inputs(params, batch)
-    outputs, scores = _decode_loop(logits_fn, tokens, start, rng, temperature)
-    return outputs, {"scores": scores}
+    settings = decoding.DecoderParams.parse(decoder_params)
+    start = self.decoding_start(params, batch, settings.use_cache)
+    tokens, scores = decoding.decode(start, rng, settings)  # [b, n, length], [b, n]
+    if not return_all_decodes:
+      tokens, scores = tokens[:, 0], scores[:, 0]  # [batch, length], [batch]
+    return tokens, {"scores": scores}
 
   def predict_batch(self, params: Params, batch: Batch, rng: Array | None = None,
-                    decoder_params: Mapping[str, Any] | None = None) -> Array:
+                    decoder_params: Mapping[str, Any] | None = None,
+                    return_all_decodes: bool = False) -> Array:
     """The decoded tokens of `predict_batch_with_aux`."""
-    return self.predict_batch_with_aux(params, batch, rng, decoder_params)[0]
+    return self.predict_batch_with_aux(params, batch, rng, decoder_params, return_all_decodes)[0]
 
 
 @gin.configurable
@@ -207,23 +190,26 @@ class EncoderDecoderModel(BaseTransformerModel):
     return ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
 
-  def _decoding_inputs(self, params: Params, batch: Batch
-                       ) -> tuple[Callable[[Array], Array], Array, Array]:
+  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
     """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from BOS 0."""
-    variables = {"params": params}
     encoder_tokens = batch["encoder_input_tokens"]  # [batch, enc_length]
-    encoded = self.module.apply(variables, encoder_tokens, batch.get("encoder_segment_ids"),
-                                batch.get("encoder_positions"),
+    encoded = self.module.apply({"params": params}, encoder_tokens,
+                                batch.get("encoder_segment_ids"), batch.get("encoder_positions"),
                                 method=EncoderDecoder.encode)  # [batch, enc_length, embed]
 
-    def logits_fn(tokens: Array) -> Array:
-      return self.module.apply(variables, encoded, encoder_tokens, tokens,
+    def decoder_fn(variables: Mapping[str, Any], tokens: Array, decode: bool = False,
+                   prefill_lengths: Array | None = None) -> Any:
+      step = decode and prefill_lengths is None  # steps read the encoder side from the cache
+      return self.module.apply(variables, None if step else encoded,
+                               None if step else encoder_tokens, tokens,
                                encoder_segment_ids=batch.get("encoder_segment_ids"),
+                               decode=decode, prefill_lengths=prefill_lengths,
+                               mutable=["cache"] if decode else False,
                                method=EncoderDecoder.decode)  # [batch, length, vocab]
 
     batch_size, length = batch["decoder_target_tokens"].shape
     tokens = jnp.zeros((batch_size, length), jnp.int32)  # [batch, length]
-    return logits_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
+    return decoder_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
 
 
 @gin.configurable
@@ -254,8 +240,7 @@ class DecoderOnlyModel(BaseTransformerModel):
       features += ("decoder_causal_attention",)
     return features
 
-  def _decoding_inputs(self, params: Params, batch: Batch
-                       ) -> tuple[Callable[[Array], Array], Array, Array]:
+  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
     """Continues the prompt: the positions of `decoder_input_tokens` marked by
     `decoder_causal_attention` (T5X: the 0 BOS plus the inputs); outputs exclude the prompt."""
     if "decoder_causal_attention" not in batch:
@@ -266,8 +251,10 @@ class DecoderOnlyModel(BaseTransformerModel):
     start = jnp.sum(causal_attention, axis=1).astype(jnp.int32) - 1  # [batch]
     prefix = causal_attention if self.inputs_bidirectional_attention else None
 
-    def logits_fn(tokens: Array) -> Array:
-      return self.module.apply({"params": params}, tokens,
-                               decoder_causal_attention=prefix)  # [batch, length, vocab]
+    def decoder_fn(variables: Mapping[str, Any], tokens: Array, decode: bool = False,
+                   prefill_lengths: Array | None = None) -> Any:
+      return self.module.apply(variables, tokens, decoder_causal_attention=prefix,
+                               decode=decode, prefill_lengths=prefill_lengths,
+                               mutable=["cache"] if decode else False)  # [batch, length, vocab]
 
-    return logits_fn, prompt.astype(jnp.int32), start
+    return decoder_fn, prompt.astype(jnp.int32), start
