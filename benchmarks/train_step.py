@@ -16,11 +16,16 @@ Rematerialised recomputation is not counted (these are model FLOPs, not hardware
 
 MFU = (training FLOPs per step / median step seconds) / peak, reported against
   (a) the peak measured in this same process: the best FLOP/s of a jitted square f32 matmul
-      (`flops.measure_peak_flops`, sizes `--peak_sizes`), and
+      (`flops.measure_peak_flops`, sizes `--peak_sizes`, measured before and after the runs, best
+      kept; on CPU the single-device value, since virtual CPU devices share the cores), and
   (b) the datasheet bf16 dense peak when `flops.datasheet_peak_flops` knows the device (TPU/GPU;
       "-" on CPU).
+Host CPU: the process's CPU seconds per step (all threads) and their ratio to wall time ("cores
+busy") are recorded in the JSON; on a shared machine they reveal steps slowed by other processes.
 Memory: peak resident set size of the process (`ru_maxrss`, so it includes JAX, XLA and the
-compiler) and, where the backend reports it (GPU/TPU), the device's `peak_bytes_in_use`.
+compiler, and is the high-water mark of everything the process ran so far: give one config per run
+for a per-config number) and, where the backend reports it (GPU/TPU), the device's
+`peak_bytes_in_use`.
 
 Configs: `tiny` and `small` are mT5 (T5.1.1 architecture) dims from gin/models/mt5/{tiny,small}.gin,
 `llama_tiny` is gin/models/llama/tiny.gin; all use vocab_size 8192 (the bundled SentencePiece
@@ -127,6 +132,11 @@ def device_peak_bytes() -> int | None:
   return max(peaks) if peaks else None
 
 
+def measure_peaks(sizes: list[int]) -> dict[int, float]:
+  """Measured f32 matmul FLOP/s of one device at each square size."""
+  return {size: flops.measure_peak_flops(jnp.float32, size=size) for size in sizes}
+
+
 def timed(fn, *args, warmup: int, steps: int) -> list[float]:
   """Seconds of each of `steps` calls of fn(*args) after `warmup` untimed calls."""
   for _ in range(warmup):
@@ -159,9 +169,9 @@ def breakdown(model: Any, state: train_state.TrainState, batch: dict[str, jax.Ar
           for name, (fn, fn_args) in parts.items()}
 
 
-def run_config(name: str, args: argparse.Namespace, partitioner: partitioning.Partitioner,
-               peak_measured: float) -> dict[str, Any]:
-  """Builds, compiles and times one config; returns one result row."""
+def run_config(name: str, args: argparse.Namespace,
+               partitioner: partitioning.Partitioner) -> dict[str, Any]:
+  """Builds, compiles and times one config; returns one result row (MFU is added by `main`)."""
   config = load_config(name, args)
   model_cls = CONFIGS[name][1]
   model = model_cls(config)
@@ -211,6 +221,7 @@ def run_config(name: str, args: argparse.Namespace, partitioner: partitioning.Pa
   total_tokens = args.batch_size * (inputs_length + args.targets_length)
   datasheet = flops.datasheet_peak_flops(jax.devices()[0])
   datasheet_total = datasheet * jax.device_count() if datasheet else None
+  device_bytes = device_peak_bytes()
   return {
       "config": name,
       "model": model_cls.__name__,
@@ -235,12 +246,10 @@ def run_config(name: str, args: argparse.Namespace, partitioner: partitioning.Pa
       "total_tokens_per_s": total_tokens / step_s,
       "flops_per_step": step_flops,
       "achieved_tflops": step_flops / step_s / 1e12,
-      "peak_measured_tflops": peak_measured / 1e12,
-      "mfu_measured": flops.mfu(step_flops, step_s, peak_measured),
       "peak_datasheet_tflops": datasheet_total / 1e12 if datasheet_total else None,
       "mfu_datasheet": flops.mfu(step_flops, step_s, datasheet_total) if datasheet_total else None,
       "peak_rss_gib": peak_rss_bytes() / 2**30,
-      "device_peak_gib": (lambda b: b / 2**30 if b is not None else None)(device_peak_bytes()),
+      "device_peak_gib": device_bytes / 2**30 if device_bytes is not None else None,
       "final_loss": loss,
       "loadavg_after": os.getloadavg(),
       "dims": {**dataclasses.asdict(config), "kv_heads": config.kv_heads},
@@ -252,7 +261,8 @@ COLUMNS = (  # (header, row -> text)
     ("config", lambda r: r["config"]),
     ("params", lambda r: f"{r['params'] / 1e6:.1f}M"),
     ("batch", lambda r: f"{r['batch_size']}x({r['inputs_length']}+{r['targets_length']})"),
-    ("tokens/step tgt / all", lambda r: f"{r['target_tokens_per_step']} / {r['total_tokens_per_step']}"),
+    ("tokens/step tgt / all",
+     lambda r: f"{r['target_tokens_per_step']} / {r['total_tokens_per_step']}"),
     ("step s (med)", lambda r: f"{r['step_s_median']:.3f}"),
     ("tgt tok/s", lambda r: f"{r['target_tokens_per_s']:,.0f}"),
     ("all tok/s", lambda r: f"{r['total_tokens_per_s']:,.0f}"),
@@ -320,16 +330,15 @@ def main(argv: list[str] | None = None) -> None:
   device = jax.devices()[0]
   load_at_start = os.getloadavg()
   sizes = [int(s) for s in args.peak_sizes.split(",")]
-  peaks = {size: flops.measure_peak_flops(jnp.float32, size=size) for size in sizes}
-  peak = max(peaks.values()) * jax.device_count()  # Per-device matmul peak x devices.
+  peaks = measure_peaks(sizes)
   print(f"# devices: {jax.device_count()} x {device.device_kind} ({device.platform}); "
         f"mesh {dict(partitioner.mesh.shape)}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print("# measured f32 matmul peak per device: "
+  print("# measured f32 matmul peak before the runs: "
         + ", ".join(f"{s}: {p / 1e9:.1f} GFLOP/s" for s, p in peaks.items())
         + f"; loadavg at start {load_at_start}")
   rows = []
   for name in args.configs.split(","):
-    rows.append(run_config(name, args, partitioner, peak))
+    rows.append(run_config(name, args, partitioner))
     row = rows[-1]
     extra = "".join(f", {k} {row[k]:.3f}s" for k in ("forward_s", "forward_backward_s",
                                                    "optimizer_s") if k in row)
@@ -341,6 +350,18 @@ def main(argv: list[str] | None = None) -> None:
           f"{', '.join(f'{t:.3f}' for t in row['step_s_all'])}s (host CPU busy "
           f"{row['host_cores_busy']:.2f} cores), loss {row['final_loss']:.3f}"
           f"{extra}", flush=True)
+  # Measured again after the runs and the best kept: another process briefly stealing a core
+  # must not lower the peak (and inflate MFU).
+  peaks = {size: max(p, peaks[size]) for size, p in measure_peaks(sizes).items()}
+  # Virtual CPU devices (xla_force_host_platform_device_count) share the host's cores, so the
+  # CPU peak is the single-device one; accelerators add up.
+  peak = max(peaks.values()) * (1 if device.platform == "cpu" else jax.device_count())
+  print("# measured f32 matmul peak (best of before/after): "
+        + ", ".join(f"{s}: {p / 1e9:.1f} GFLOP/s" for s, p in peaks.items())
+        + f"; used {peak / 1e9:.1f} GFLOP/s")
+  for row in rows:
+    row["peak_measured_tflops"] = peak / 1e12
+    row["mfu_measured"] = flops.mfu(row["flops_per_step"], row["step_s_median"], peak)
   print_table(rows)
   if args.json:
     meta = {"argv": sys.argv, "args": vars(args), "device_kind": device.device_kind,
