@@ -246,3 +246,14 @@ def test_nonfinite_policy(policy, tmp_path):
   assert result.step == 4
   records = read_jsonl(os.path.join(str(tmp_path), "train", "metrics.jsonl"))
   assert [r["nonfinite_updates"] for r in records] == [0, 1, 2, 3]
+
+
+def test_state_can_be_built_inside_an_active_mesh():
+  model = EncoderDecoderModel(TransformerConfig(**TINY))
+  partitioner = Partitioner(MeshConfig(data=2, fsdp=2, tensor=2))
+  shapes = {k: v.shape for k, v in _batch().items()}
+  with partitioner.activate():
+    spec = train_state.state_spec(model, _SGD(), partitioner, shapes)
+    state = train_state.initialize(model, spec, shapes, seed=0)
+  wi = state.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+  assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -57,6 +57,17 @@ class ParamsOnly:
     return optax.identity()
 
 
+def _unbox(boxed: Any) -> Any:
+  """Plain arrays from nn.LogicallyPartitioned boxes, without sharding constraints.
+
+  `nn.unbox` constrains each value to its logical sharding when a mesh is active, which fails
+  for the abstract mesh of `jax.set_mesh`; shardings here come from `out_shardings` instead, so
+  state can be built inside or outside `Partitioner.activate()`.
+  """
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
                     input_types: Mapping[str, Any] | None):
   return lambda rng: model.get_initial_variables(rng, input_shapes, input_types)["params"]
@@ -74,7 +85,7 @@ def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner
   key = jax.random.key(0)
   boxed = jax.eval_shape(_init_params_fn(model, input_shapes, input_types), key)
   param_axes = partitioning.logical_axes(boxed)
-  abstract_params = nn.unbox(boxed)
+  abstract_params = _unbox(boxed)
   tx = optimizer.build(param_axes)
   if sparsity is not None:
     tx = sparsity.wrap(tx, param_axes)
@@ -98,7 +109,7 @@ def initialize(model: Any, spec: StateSpec, input_shapes: Mapping[str, tuple[int
   init_params = _init_params_fn(model, input_shapes, input_types)
 
   def init(rng: jax.Array) -> TrainState:
-    params = nn.unbox(init_params(rng))
+    params = _unbox(init_params(rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=spec.tx.init(params))
 
   return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed))
