@@ -1,12 +1,13 @@
 """Analytic FLOPs against hand arithmetic, the PaLM identity, peaks and MFU."""
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import jax
 import pytest
 
-from polyglot_jax.models.config import TransformerConfig
+from polyglot_jax.models.config import MoeConfig, TransformerConfig
 from polyglot_jax.training.flops import (datasheet_peak_flops, matmul_param_count,
                                          measure_peak_flops, mfu, training_flops)
 
@@ -84,3 +85,14 @@ def test_mfu() -> None:
   assert mfu(4e12, step_seconds=2.0, peak_flops=4e12) == 0.5
   with pytest.raises(ValueError):
     mfu(1.0, step_seconds=0.0, peak_flops=1.0)
+
+
+def test_moe_counts_the_router_and_the_k_active_experts():
+  dense = TransformerConfig(emb_dim=64, mlp_dim=256, num_heads=4, head_dim=16,
+                            num_encoder_layers=2, num_decoder_layers=2, vocab_size=100)
+  ffn = 3 * 64 * 256  # gated: two input projections and the output projection
+  for k in (1, 2):
+    sparse = dataclasses.replace(dense, moe=MoeConfig(num_experts=8, num_selected=k))
+    got = matmul_param_count(sparse, encoder_decoder=False)["decoder"]
+    want = matmul_param_count(dense, encoder_decoder=False)["decoder"]
+    assert got - want == 2 * ((k - 1) * ffn + 64 * 8)

@@ -92,7 +92,7 @@ def _instantiate(value):
 @pytest.mark.parametrize("path", OTHER_FILES)
 def test_run_and_experiment_files_instantiate(path):
   files = [path] if path.startswith("experiments/") else ["models/mt5/tiny.gin", path]
-  if path.startswith("sparsity/"):  # Switches for train(): parse them on top of a run file.
+  if path.startswith(("sparsity/", "routing/")):  # Switches: parse them on top of a run file.
     files.insert(1, "runs/pretrain.gin")
   gin_setup.parse(files, [] if path.startswith("experiments/") else REQUIRED_MACROS)
   if path.startswith("mesh/"):

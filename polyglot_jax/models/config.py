@@ -14,6 +14,123 @@ import gin
 
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
 
+# Sites an adapter can modify: projections (LoRA, MoLoRA add a low-rank update to their output)
+# and activations (IA3, MoV scale them): the attention keys/values and the FFN intermediate.
+PROJECTION_SITES = ("query", "key", "value", "out", "wi", "wo")
+ACTIVATION_SITES = ("key", "value", "mlp")
+ADAPTER_KINDS = ("ia3", "lora", "mov", "molora")
+_DEFAULT_TARGETS = {"ia3": ACTIVATION_SITES, "mov": ACTIVATION_SITES,
+                    "lora": PROJECTION_SITES, "molora": PROJECTION_SITES}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """A sparse mixture-of-experts FFN in every layer (GShard / Switch / ST-MoE).
+
+  Attributes:
+    num_experts: experts per layer.
+    num_selected: k of the router (tokens_choose: experts per token).
+    router: "tokens_choose" (each token picks its top-k experts) or "experts_choose" (each
+      expert picks its top-capacity tokens of a sequence; needs `capacity_factor`).
+    capacity_factor: each expert takes at most ceil(capacity_factor * length * k / num_experts)
+      tokens of a sequence, the rest are dropped (their residual passes through unchanged).
+      None = dropless: tokens are sorted by expert and run through a grouped matmul.
+    renormalize: rescale the k selected router probabilities to sum to 1 (only when k > 1;
+      top-1 keeps the raw probability so the router still gets a gradient).
+    load_balance_weight: coefficient of the load-balancing loss added to the training loss.
+    router_z_loss_weight: coefficient of the router z-loss added to the training loss.
+    router_init_stddev: router kernel init N(0, stddev).
+  """
+
+  num_experts: int = 8
+  num_selected: int = 2
+  router: Literal["tokens_choose", "experts_choose"] = "tokens_choose"
+  capacity_factor: float | None = 1.25
+  renormalize: bool = True
+  load_balance_weight: float = 1e-2
+  router_z_loss_weight: float = 1e-3
+  router_init_stddev: float = 0.02
+
+  def __post_init__(self) -> None:
+    if self.router not in ("tokens_choose", "experts_choose"):
+      raise ValueError(f"MoeConfig.router={self.router!r}: use 'tokens_choose' or "
+                       "'experts_choose'.")
+    if not 1 <= self.num_selected <= self.num_experts:
+      raise ValueError(f"MoeConfig.num_selected={self.num_selected} must be in "
+                       f"[1, num_experts={self.num_experts}].")
+    if self.router == "experts_choose" and self.capacity_factor is None:
+      raise ValueError("MoeConfig: the experts_choose router needs a capacity_factor.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """Parameter-efficient adapters (IA3, LoRA) and their soft mixtures (MoV, MoLoRA).
+
+  The base model is meant to stay frozen (`train.trainable_params`, see gin/routing/). Sizes
+  come from the model config; every hyperparameter here is a gin binding.
+
+  Attributes:
+    kind: "ia3" (learned scale, init 1), "lora" (low-rank update), "mov" (router-weighted
+      mixture of IA3 vectors), "molora" (router-weighted mixture of LoRA adapters).
+    num_experts: experts per site of "mov"/"molora" (ia3 and lora have one, without router).
+    num_selected: None = soft merge over all experts (the method of Zadouri et al.); k = keep
+      the top-k router weights per token, renormalised to sum to 1.
+    rank: LoRA rank r.
+    alpha: LoRA scale numerator; updates are multiplied by alpha / rank.
+    targets: the sites adapted; None = the kind's default (IA3/MoV: key, value, mlp;
+      LoRA/MoLoRA: query, key, value, out, wi, wo). See PROJECTION_SITES, ACTIVATION_SITES.
+    router_init_stddev: router kernel init N(0, stddev).
+    lora_init_stddev: LoRA A init N(0, stddev); B starts at zero, so training starts from the
+      base model.
+    load_balance_weight: coefficient of the load-balancing loss (0: soft merging needs none).
+    router_z_loss_weight: coefficient of the router z-loss.
+  """
+
+  kind: Literal["ia3", "lora", "mov", "molora"] = "ia3"
+  num_experts: int = 10
+  num_selected: int | None = None
+  rank: int = 4
+  alpha: float = 16.0
+  targets: tuple[str, ...] | None = None
+  router_init_stddev: float = 0.02
+  lora_init_stddev: float = 0.02
+  load_balance_weight: float = 0.0
+  router_z_loss_weight: float = 0.0
+
+  def __post_init__(self) -> None:
+    if self.targets is not None:  # gin may give a list; the config must stay hashable.
+      object.__setattr__(self, "targets", tuple(self.targets))
+    if self.kind not in ADAPTER_KINDS:
+      raise ValueError(f"AdapterConfig.kind={self.kind!r}: use one of {', '.join(ADAPTER_KINDS)}.")
+    sites = PROJECTION_SITES if self.kind in ("lora", "molora") else ACTIVATION_SITES
+    unknown = sorted(set(self.sites) - set(sites))
+    if unknown:
+      raise ValueError(f"AdapterConfig.targets: {unknown} cannot take {self.kind}; "
+                       f"choose from {', '.join(sites)}.")
+    if self.num_selected is not None and not 1 <= self.num_selected <= self.num_experts:
+      raise ValueError(f"AdapterConfig.num_selected={self.num_selected} must be None or in "
+                       f"[1, num_experts={self.num_experts}].")
+
+  @property
+  def mixture(self) -> bool:
+    """Whether each site holds several experts mixed by a router (MoV, MoLoRA)."""
+    return self.kind in ("mov", "molora")
+
+  @property
+  def low_rank(self) -> bool:
+    """Whether the adapters add low-rank updates to projections (LoRA, MoLoRA)."""
+    return self.kind in ("lora", "molora")
+
+  @property
+  def sites(self) -> tuple[str, ...]:
+    return tuple(self.targets) if self.targets is not None else _DEFAULT_TARGETS[self.kind]
+
+  def adapts(self, site: str, low_rank: bool) -> bool:
+    """Whether `site` gets an adapter of this kind (`low_rank`: projection, else activation)."""
+    return self.low_rank == low_rank and site in self.sites
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +167,8 @@ class TransformerConfig:
     scan_layers: run the layer stack with `nn.scan` (one compiled layer; params get a leading
       "layers" axis).
     remat_policy: activation rematerialisation per layer.
+    moe: replace every FFN by a sparse mixture of experts; None = dense FFN.
+    adapters: parameter-efficient adapters (IA3, LoRA, MoV, MoLoRA); None = none.
   """
 
   vocab_size: int = 32128
@@ -79,6 +198,8 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: RematPolicy = "none"
+  moe: MoeConfig | None = None
+  adapters: AdapterConfig | None = None
 
   def __post_init__(self) -> None:
     kv = self.kv_heads
@@ -90,6 +211,10 @@ class TransformerConfig:
       raise ValueError(f"position_embedding={self.position_embedding!r}: use 'relative' or 'rope'.")
     if self.norm_type not in ("rms", "layer"):
       raise ValueError(f"norm_type={self.norm_type!r}: use 'rms' or 'layer'.")
+    if self.moe is not None and self.adapters is not None and {"wi", "wo", "mlp"} & set(
+        self.adapters.sites):
+      raise ValueError("adapters on the FFN (targets wi, wo, mlp) cannot be combined with a "
+                       "sparse MoE FFN; drop those targets or the MoE.")
 
   @property
   def kv_heads(self) -> int:

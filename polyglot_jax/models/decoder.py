@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from polyglot_jax.models import layers
+from polyglot_jax.models import layers, moe
 from polyglot_jax.models.config import TransformerConfig
 
 Array = jax.Array
@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
-               positions: Array, key_positions: Array) -> tuple[Array, None]:
+               positions: Array, key_positions: Array, token_mask: Array,
+               encoder_mask: Array | None) -> tuple[Array, None]:
     """Updates the [batch, length, embed] residual stream `x`.
 
     Args:
@@ -43,6 +44,8 @@ class DecoderLayer(nn.Module):
       positions: [batch, length] token positions (RoPE, per-layer relative bias, cache slots).
       key_positions: [batch, kv_length] positions of the self-attention keys (= `positions`,
         except in decoding steps where the keys are the whole cache).
+      token_mask: [batch, length] 1 on real decoder tokens, 0 on padding (routers).
+      encoder_mask: [batch, enc_length] 1 on real encoder tokens; None when `encoded` is None.
     Returns:
       (x, None), the nn.scan carry convention.
     """
@@ -53,16 +56,18 @@ class DecoderLayer(nn.Module):
           cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)
     h = layers.make_norm(cfg, "pre_self_attention_layer_norm")(x)  # [batch, length, embed]
     y = layers.Attention(cfg, name="self_attention")(
-        h, h, self_bias, positions, self.deterministic, self.decode)  # [batch, length, embed]
+        h, h, self_bias, positions, self.deterministic, self.decode, q_mask=token_mask,
+        kv_mask=token_mask)  # [batch, length, embed]
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     if cross_bias is not None:
       g = layers.make_norm(cfg, "pre_cross_attention_layer_norm")(x)  # [batch, length, embed]
       y = layers.Attention(cfg, name="encoder_decoder_attention")(
-          g, encoded, cross_bias, None, self.deterministic, self.decode)  # [b, length, embed]
+          g, encoded, cross_bias, None, self.deterministic, self.decode, q_mask=token_mask,
+          kv_mask=encoder_mask)  # [batch, length, embed]
       x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     if not cfg.parallel_block:
       h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
-    y = layers.Mlp(cfg, name="mlp")(h, self.deterministic)  # [batch, length, embed]
+    y = moe.make_mlp(cfg)(h, token_mask, self.deterministic)  # [batch, length, embed]
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -148,9 +153,13 @@ class Decoder(nn.Module):
     x = embedder(decoder_input_tokens)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    token_mask = (segments > 0).astype(jnp.float32)  # [batch, length]
+    encoder_mask = None
+    if encoded is not None:
+      encoder_mask = (encoder_segments > 0).astype(jnp.float32)  # [batch, enc_length]
     x = layers.stack_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x, encoded, self_bias,
-                            cross_bias, positions, key_positions, deterministic=deterministic,
-                            decode=decode)
+                            cross_bias, positions, key_positions, token_mask, encoder_mask,
+                            deterministic=deterministic, decode=decode)
     y = layers.make_norm(cfg, "decoder_norm")(x)  # [batch, length, embed]
     y = drop(y, deterministic=deterministic)  # [batch, length, embed]
     self.sow("intermediates", "pre_logits", y)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from polyglot_jax.models import layers
+from polyglot_jax.models import layers, moe
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.decoder import Decoder
 
@@ -24,13 +25,15 @@ class EncoderLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, positions: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, bias: Array, positions: Array, token_mask: Array
+               ) -> tuple[Array, None]:
     """Updates the [batch, length, embed] residual stream `x`.
 
     Args:
       x: encoder activations.
       bias: float32 [batch, heads|1, length, length] mask (+ shared relative) bias.
       positions: [batch, length] token positions (RoPE, per-layer relative bias).
+      token_mask: [batch, length] 1 on real tokens, 0 on padding (routers).
     Returns:
       (x, None), the nn.scan carry convention.
     """
@@ -40,10 +43,11 @@ class EncoderLayer(nn.Module):
       bias = bias + layers.RelativePositionBias(
           cfg, bidirectional=True, name="relpos_bias")(positions, positions)  # [b, h, l, l]
     h = layers.make_norm(cfg, "pre_attention_layer_norm")(x)  # [batch, length, embed]
-    y = layers.Attention(cfg, name="attention")(h, h, bias, positions, self.deterministic)
+    y = layers.Attention(cfg, name="attention")(h, h, bias, positions, self.deterministic,
+                                                q_mask=token_mask, kv_mask=token_mask)
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
-    y = layers.Mlp(cfg, name="mlp")(h, self.deterministic)  # [batch, length, embed]
+    y = moe.make_mlp(cfg)(h, token_mask, self.deterministic)  # [batch, length, embed]
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -71,8 +75,9 @@ class Encoder(nn.Module):
     x = self.shared_embedding(encoder_input_tokens)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    token_mask = (segments > 0).astype(jnp.float32)  # [batch, length]
     x = layers.stack_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x, bias, positions,
-                            deterministic=deterministic)
+                            token_mask, deterministic=deterministic)
     x = layers.make_norm(cfg, "encoder_norm")(x)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

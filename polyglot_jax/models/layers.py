@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from polyglot_jax.models import adapters
 from polyglot_jax.models.config import TransformerConfig
+from polyglot_jax.models.routing import STATS_COLLECTION
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -238,7 +240,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array,
                positions: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, q_mask: Array | None = None,
+               kv_mask: Array | None = None) -> Array:
     """Attends [batch, q_length, embed] queries to [batch, kv_length, embed] memory.
 
     Args:
@@ -251,6 +254,8 @@ class Attention(nn.Module):
         written while decoding); None for cross-attention.
       deterministic: disables dropout on the attention weights.
       decode: use the 'cache' collection (see `_cached_kv`).
+      q_mask: [batch, q_length] 1 on real query tokens (adapter routers); None = all real.
+      kv_mask: [batch, kv_length] 1 on real key/value tokens; None = all real.
     """
     cfg = self.config
     dtypes = dtype_kwargs(cfg)
@@ -260,16 +265,15 @@ class Attention(nn.Module):
       query_init = _scaled(default_kernel_init, cfg.head_dim**-0.5)
     q = DenseGeneral((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"),
                      kernel_init=query_init, name="query", **dtypes)(inputs_q)  # [b, q, heads, kv]
+    q = adapters.adapt_projection(cfg, "query", q, inputs_q, q_mask, "embed", ("heads", "kv"))
     rope = cfg.position_embedding == "rope" and positions is not None
     if rope:
       q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_interleaved).astype(q.dtype)
     if inputs_kv is None:
       k, v = self._cached_kv(None, None, None)  # [b, kv_length, kv_heads, kv] each
     else:
-      k = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
-                       name="key", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
-      v = DenseGeneral((kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
-                       name="value", **dtypes)(inputs_kv)  # [b, kv_length, kv_heads, kv]
+      k = self._key_or_value("key", inputs_kv, kv_mask)  # [b, kv_length, kv_heads, kv]
+      v = self._key_or_value("value", inputs_kv, kv_mask)  # [b, kv_length, kv_heads, kv]
       if rope:
         k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_interleaved).astype(k.dtype)
       if decode:
@@ -292,10 +296,21 @@ class Attention(nn.Module):
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)  # [batch, q_length, kv_heads, group, kv]
     out = out.reshape(batch, q_length, cfg.num_heads, cfg.head_dim)  # [b, q_length, heads, kv]
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    out = DenseGeneral((cfg.emb_dim,), ("heads", "kv", "embed"), num_in=2, name="out",
-                       **dtypes)(out)  # [batch, q_length, embed]
+    projected = DenseGeneral((cfg.emb_dim,), ("heads", "kv", "embed"), num_in=2, name="out",
+                             **dtypes)(out)  # [batch, q_length, embed]
+    out = adapters.adapt_projection(cfg, "out", projected, out, q_mask, "joined_kv",
+                                    ("embed",))  # [batch, q_length, embed]
     out = checkpoint_name(out, "attention_out")  # [batch, q_length, embed]
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _key_or_value(self, name: str, inputs_kv: Array, kv_mask: Array | None) -> Array:
+    """The adapted key or value projection of [batch, kv_length, embed] `inputs_kv`."""
+    cfg = self.config
+    axes = ("kv_heads", "kv")
+    y = DenseGeneral((cfg.kv_heads, cfg.head_dim), ("embed",) + axes, name=name,
+                     **dtype_kwargs(cfg))(inputs_kv)  # [batch, kv_length, kv_heads, kv]
+    y = adapters.adapt_projection(cfg, name, y, inputs_kv, kv_mask, "embed", axes)
+    return adapters.adapt_activation(cfg, name, y, inputs_kv, kv_mask, axes)
 
   def _cached_kv(self, k: Array | None, v: Array | None,
                  positions: Array | None) -> tuple[Array, Array]:
@@ -333,20 +348,31 @@ class Mlp(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, token_mask: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """[batch, length, embed] -> [batch, length, embed]; `token_mask` [batch, length] marks real
+    tokens for adapter routers (None = all real)."""
     cfg = self.config
     dtypes = dtype_kwargs(cfg)
-    activations = cfg.mlp_activations
     branches = []
-    for i, activation in enumerate(activations):
-      name = "wi" if len(activations) == 1 else f"wi_{i}"
+    for name, activation in zip(mlp_input_names(cfg), cfg.mlp_activations):
       h = DenseGeneral((cfg.mlp_dim,), ("embed", "mlp"), name=name, **dtypes)(x)  # [b, l, mlp]
+      h = adapters.adapt_projection(cfg, "wi", h, x, token_mask, "embed", ("mlp",),
+                                    name=f"{name}_adapter")  # [batch, length, mlp]
       branches.append(ACTIVATIONS[activation](h))
     h = functools.reduce(operator.mul, branches)  # [batch, length, mlp]
+    h = adapters.adapt_activation(cfg, "mlp", h, x, token_mask, ("mlp",))  # [b, length, mlp]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = make_dropout(cfg)(h, deterministic=deterministic)  # [batch, length, mlp]
     out = DenseGeneral((cfg.emb_dim,), ("mlp", "embed"), name="wo", **dtypes)(h)  # [b, l, embed]
+    out = adapters.adapt_projection(cfg, "wo", out, h, token_mask, "mlp", ("embed",))
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+def mlp_input_names(config: TransformerConfig) -> list[str]:
+  """Names of the FFN input projections: `wi` for one activation, else `wi_0`, `wi_1`, ..."""
+  activations = config.mlp_activations
+  return ["wi"] if len(activations) == 1 else [f"wi_{i}" for i in range(len(activations))]
 
 
 def segments_or_padding(segment_ids: Array | None, tokens: Array | None, like: Array) -> Array:
@@ -413,7 +439,7 @@ def stack_layers(layer_cls: type[nn.Module], config: TransformerConfig, num_laye
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, STATS_COLLECTION: 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(args), length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})

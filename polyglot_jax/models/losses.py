@@ -117,9 +117,14 @@ def cross_entropy_loss(
 def summarize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Turns metric sums (possibly added over microbatches) into T5X-named metrics."""
   norm = sums["normalizer"]
-  return {
+  tokens = jnp.maximum(sums["num_tokens"], 1.0)
+  metrics = {
       "loss": (sums["cross_ent_loss"] + sums["z_loss"]) / norm,
       "cross_ent_loss": sums["cross_ent_loss"] / norm,
       "z_loss": sums["z_loss"] / norm,
-      "accuracy": sums["correct"] / jnp.maximum(sums["num_tokens"], 1.0),
+      "accuracy": sums["correct"] / tokens,
   }
+  # Router statistics arrive as token-weighted sums: their token-weighted means.
+  metrics.update({name: value / tokens for name, value in sums.items()
+                  if name.startswith("experts/")})
+  return metrics

@@ -27,7 +27,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # Activations: the batch is split over every axis that does not split the model.
-_BATCH_RULES: LogicalRules = (("batch", ("data", "fsdp", "expert")),)
+# MoE capacity buffers [expert_group, expert, capacity, embed] keep the expert axis for experts.
+_BATCH_RULES: LogicalRules = (("batch", ("data", "fsdp", "expert")),
+                              ("expert_group", ("data", "fsdp")))
 # FSDP (ZeRO-3): parameters and optimizer state split along their model dimension.
 _FSDP_RULES: LogicalRules = (("embed", "fsdp"),)
 # Megatron-style tensor parallelism along heads and the MLP / vocabulary dimensions.
@@ -49,7 +51,8 @@ RULE_PRESETS: dict[str, LogicalRules] = {
 
 # Every logical axis the models use; a rule naming another is a typo.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv",
-                "vocab", "relpos_buckets", "layers", "expert", "expert_mlp", "unmodeled", "rank")
+                "vocab", "relpos_buckets", "layers", "expert", "expert_mlp", "unmodeled", "rank",
+                "expert_group")
 
 
 def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> LogicalRules:

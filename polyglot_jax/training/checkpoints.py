@@ -14,7 +14,9 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from polyglot_jax.parallel.partitioning import path_str
 from polyglot_jax.training.train_state import TrainState
@@ -100,7 +102,8 @@ def source_path(target: str, assignment_map: AssignmentMap) -> str | None:
 
 def restore_params(directory: str, abstract_params: Any, init_params: Any | None = None, *,
                    step: int | None = None, assignment_map: AssignmentMap = (),
-                   fallback_to_scratch: bool = False) -> Any:
+                   fallback_to_scratch: bool = False,
+                   tile_axes: Mapping[str, int] | None = None) -> Any:
   """Loads parameters from the checkpoint in `directory` into the current model's layout.
 
   Args:
@@ -112,7 +115,10 @@ def restore_params(directory: str, abstract_params: Any, init_params: Any | None
     assignment_map: (regex, replacement-or-None) rules, see `source_path`.
     fallback_to_scratch: keep the fresh value of a parameter missing from the checkpoint
       instead of raising.
+    tile_axes: target path -> axis; a checkpoint tensor whose shape is the target's without
+      that axis is copied along it (sparse upcycling: a dense FFN kernel into every expert).
   """
+  tile_axes = tile_axes or {}
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_handlers(),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
@@ -132,9 +138,13 @@ def restore_params(directory: str, abstract_params: Any, init_params: Any | None
       raise ValueError(f"parameter {path} (from checkpoint path {source}) is not in the checkpoint "
                        f"at {directory} step {step}; add an assignment_map rule or set "
                        "fallback_to_scratch=True.")
-    if tuple(stored[source].shape) != tuple(abstract.shape):
-      raise ValueError(f"parameter {path}: expected shape {tuple(abstract.shape)} but checkpoint "
-                       f"tensor {source} has shape {tuple(stored[source].shape)}.")
+    found, expected = tuple(stored[source].shape), tuple(abstract.shape)
+    if path in tile_axes and found == _without_axis(expected, tile_axes[path]):
+      abstract = jax.ShapeDtypeStruct(found, abstract.dtype, sharding=NamedSharding(
+          abstract.sharding.mesh, PartitionSpec()))
+    elif found != expected:
+      raise ValueError(f"parameter {path}: expected shape {expected} but checkpoint "
+                       f"tensor {source} has shape {found}.")
     wanted[source] = abstract
   target = {"params": _nest(wanted)}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -144,5 +154,25 @@ def restore_params(directory: str, abstract_params: Any, init_params: Any | None
   manager.close()
   init_flat = _flat(init_params) if init_params is not None else {}
   merged = [loaded.get(source_path(path, assignment_map)) for path in targets]
-  merged = [init_flat[path] if value is None else value for path, value in zip(targets, merged)]
+  merged = [init_flat[path] if value is None else _tiled(value, targets[path], tile_axes.get(path))
+            for path, value in zip(targets, merged)]
   return jax.tree.unflatten(jax.tree.structure(abstract_params), merged)
+
+
+def _without_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+  return shape[:axis] + shape[axis + 1:]
+
+
+def _tiled(value: jax.Array, target: jax.ShapeDtypeStruct, axis: int | None) -> jax.Array:
+  """`value` copied along `axis` up to the target's shape, in the target's sharding."""
+  if axis is None or value.shape == target.shape:
+    return value
+  tile = lambda v: jnp.broadcast_to(jnp.expand_dims(v, axis), target.shape)
+  return jax.jit(tile, out_shardings=target.sharding)(value)
+
+
+def expert_axes(param_axes: Any) -> dict[str, int]:
+  """Path -> index of the "expert" logical axis, for every parameter that has one."""
+  flat = jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=lambda x: isinstance(x, tuple))
+  return {path_str(path): axes.index("expert") for path, axes in flat
+          if "expert" in axes}

@@ -8,6 +8,12 @@ with d_attn = num_heads x head_dim.
     and the logits projection (also when it is tied to the embedding).
   * Not counted: the embedding lookup (a gather), norms, relative-position biases, softmax, and
     rematerialised recomputation (MFU counts model FLOPs, not hardware FLOPs).
+  * Sparse MoE: a token passes the router and its k experts (active parameters), not all of
+    them; dropped tokens and capacity padding still count (the hardware computes the buffers).
+    The one-hot dispatch/combine einsums of the capacity path are routing overhead, not counted.
+  * Adapters (IA3, LoRA, MoV, MoLoRA) add well under 1% and are not counted. A frozen base skips
+    its weight-gradient matmuls (about 4N instead of 6N per token), so for PEFT runs `timing/mfu`
+    overstates utilisation by up to 1.5x; compare PEFT runs by tokens/s.
   * Attention scores: q.k and weights.v cost 2 x 2 x d_attn per (query, key) pair forward, times 3
     for training. We count the full T x T score matrix, not the causal half, as PaLM does, so
     decoder-only MFU here is comparable with PaLM/MaxText numbers. Grouped-query attention shares
@@ -43,8 +49,14 @@ def _cross_kv_params(config: TransformerConfig) -> int:
 
 
 def _mlp_params(config: TransformerConfig) -> int:
-  """One input projection per activation plus the output projection."""
-  return (len(config.mlp_activations) + 1) * config.emb_dim * config.mlp_dim
+  """One input projection per activation plus the output projection; for a sparse MoE, the
+  router plus the experts a token passes through (k; expert choice: capacity_factor * k)."""
+  ffn = (len(config.mlp_activations) + 1) * config.emb_dim * config.mlp_dim
+  if config.moe is None:
+    return ffn
+  moe = config.moe
+  active = moe.num_selected * (moe.capacity_factor if moe.router == "experts_choose" else 1)
+  return int(active * ffn) + config.emb_dim * moe.num_experts
 
 
 def matmul_param_count(config: TransformerConfig, encoder_decoder: bool) -> dict[str, int]:

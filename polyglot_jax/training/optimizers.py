@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,6 +26,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import optax
+
+from polyglot_jax.parallel.partitioning import path_str
 
 LogicalAxes = tuple[str, ...]
 ParamAxes = Any  # pytree of LogicalAxes with the params' structure
@@ -335,3 +338,31 @@ class AdamW(_Optimizer):
     mask = matrix_mask(param_axes) if self.decay_matrices_only else None
     return self._chain(optax.adamw(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
                                    weight_decay=self.weight_decay, mask=mask))
+
+
+def trainable_mask(param_axes: ParamAxes, pattern: str) -> Any:
+  """True for parameters whose path ('decoder/layers_0/mlp/wi_0/kernel') fully matches `pattern`.
+
+  Raises a one-line ValueError when nothing matches (a typo would otherwise train nothing).
+  """
+  regex = re.compile(pattern)
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.fullmatch(path_str(path))),
+                                          param_axes, is_leaf=_is_axes)
+  if not any(jax.tree.leaves(mask)):
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_axes,
+                                                                         is_leaf=_is_axes)]
+    raise ValueError(f"trainable_params={pattern!r} matches no parameter; paths look like "
+                     f"{', '.join(paths[:3])}, ...")
+  return mask
+
+
+def freeze_untrainable(tx: optax.GradientTransformation, param_axes: ParamAxes,
+                       pattern: str) -> optax.GradientTransformation:
+  """`tx` on the parameters matching `pattern` only; the rest get zero updates and no state.
+
+  `optax.multi_transform` hands `tx` the trainable subtree (frozen leaves become
+  `optax.MaskedNode`), so a frozen base model costs no optimizer memory.
+  """
+  labels = jax.tree.map(lambda trainable: "train" if trainable else "freeze",
+                        trainable_mask(param_axes, pattern))
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

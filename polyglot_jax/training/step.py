@@ -53,9 +53,10 @@ def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Parti
   """
   def grads_and_sums(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
     norm = losses.normalizer(batch["decoder_loss_weights"], model.loss_normalizing_factor)
+    num_tokens = jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))
 
     def loss_fn(p: Any, mb: Batch, r: jax.Array) -> tuple[jax.Array, Metrics]:
-      return model.loss_fn(p, mb, r, loss_normalizer=norm)
+      return model.loss_fn(p, mb, r, loss_normalizer=norm, global_num_tokens=num_tokens)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if num_microbatches == 1:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from polyglot_jax.parallel import partitioning
+from polyglot_jax.training import optimizers
 
 if TYPE_CHECKING:
   from polyglot_jax.compression.sparsity import Sparsity
@@ -39,6 +40,7 @@ class StateSpec:
     param_axes: tree of logical-axis tuples, one per parameter.
     tx: the optimizer built for these parameters (wrapped by `sparsity` when given).
     sparsity: the weight-pruning config whose masks `tx` keeps, or None (dense).
+    trainable_params: regex of the parameters the optimizer updates; None = all.
   """
 
   abstract: TrainState
@@ -46,6 +48,15 @@ class StateSpec:
   param_axes: Any
   tx: optax.GradientTransformation
   sparsity: Sparsity | None = None
+  trainable_params: str | None = None
+
+  def trainable_count(self) -> int:
+    """Parameters the optimizer updates."""
+    if self.trainable_params is None:
+      return param_count(self.abstract.params)
+    mask = optimizers.trainable_mask(self.param_axes, self.trainable_params)
+    return int(sum(x.size for x, keep in zip(jax.tree.leaves(self.abstract.params),
+                                             jax.tree.leaves(mask)) if keep))
 
 
 class ParamsOnly:
@@ -76,17 +87,22 @@ def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
 def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner,
                input_shapes: Mapping[str, tuple[int, ...]],
                input_types: Mapping[str, Any] | None = None,
-               sparsity: Sparsity | None = None) -> StateSpec:
+               sparsity: Sparsity | None = None,
+               trainable_params: str | None = None) -> StateSpec:
   """Builds the abstract state, its shardings and the optimizer, allocating nothing.
 
-  With `sparsity`, the optimizer is wrapped by `sparsity.wrap`: its masks join the optimizer
-  state, sharded like the parameters.
+  With `trainable_params` (a regex over parameter paths), only matching parameters are updated
+  and only they get optimizer state (`optimizers.freeze_untrainable`). With `sparsity`, the
+  optimizer is wrapped by `sparsity.wrap`: its masks join the optimizer state, sharded like the
+  parameters.
   """
   key = jax.random.key(0)
   boxed = jax.eval_shape(_init_params_fn(model, input_shapes, input_types), key)
   param_axes = partitioning.logical_axes(boxed)
   abstract_params = _unbox(boxed)
   tx = optimizer.build(param_axes)
+  if trainable_params is not None:
+    tx = optimizers.freeze_untrainable(tx, param_axes, trainable_params)
   if sparsity is not None:
     tx = sparsity.wrap(tx, param_axes)
   abstract = jax.eval_shape(
@@ -100,7 +116,7 @@ def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return StateSpec(abstract=abstract, shardings=shardings, param_axes=param_axes, tx=tx,
-                   sparsity=sparsity)
+                   sparsity=sparsity, trainable_params=trainable_params)
 
 
 def initialize(model: Any, spec: StateSpec, input_shapes: Mapping[str, tuple[int, ...]],
@@ -124,3 +140,8 @@ def with_params(spec: StateSpec, state: TrainState, params: Any) -> TrainState:
 
 def param_count(abstract_params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(abstract_params)))
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) in `tree`."""
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
