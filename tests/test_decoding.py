@@ -212,3 +212,33 @@ def test_rank_classification_picks_the_likeliest_choice():
   predictions, scores = decoding.rank_classification(score, params, batch, 3)
   np.testing.assert_array_equal(scores, np.asarray(score(params, batch)).reshape(2, 3))
   np.testing.assert_array_equal(predictions, np.argmax(scores, axis=1))
+
+
+def test_encoder_decoder_decoder_prompt_is_forced_then_continued_greedily():
+  """`prompt_with_targets` (T5X): the nonzero decoder inputs after BOS are a forced prefix; the
+  outputs continue it exactly like token-by-token greedy decoding of the full sequence."""
+  model = _model(T5)
+  params = _params(T5)
+  enc = np.array([[4, 9, 3, 7, 1, 0], [5, 2, 1, 0, 0, 0], [6, 6, 1, 0, 0, 0]], np.int32)
+  length = 7
+  dec_in = np.zeros((3, length), np.int32)
+  dec_in[0, 1:3] = [8, 3]
+  dec_in[1, 1] = 9  # row 2: no prefix, plain decoding from BOS
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+           "decoder_target_tokens": np.zeros((3, length), np.int32)}
+  want = np.zeros((3, length), np.int32)
+  for row in range(3):
+    prefix = [int(t) for t in dec_in[row, 1:] if t]
+    seq, outs = [0] + prefix, []
+    while len(seq) <= length and len(prefix) + len(outs) < length and EOS_ID not in outs:
+      buf = np.zeros((1, length), np.int32)
+      buf[0, :len(seq)] = seq
+      logits = model.module.apply({"params": params}, enc[row:row + 1], buf)
+      outs.append(int(np.argmax(logits[0, len(seq) - 1])))
+      seq.append(outs[-1])
+    want[row, :len(outs)] = outs
+  for use_cache in (True, False):
+    got = model.predict_batch(params, batch, decoder_params={"use_cache": use_cache},
+                              prompt_with_targets=True)
+    np.testing.assert_array_equal(got, want, err_msg=f"use_cache={use_cache}")
+  np.testing.assert_array_equal(model.predict_batch(params, batch)[2], want[2])

@@ -4,17 +4,20 @@ Supported: T5 (classic and v1.1), mT5, umT5, Llama and Cohere(-Command). The map
 of `TensorMap` rows (our path, HF name, our shape, layout); each row's layout change is a
 transpose + reshape with a known inverse (`to_hf`), so exporting back to HF reads the same table.
 Import reads a local directory of safetensors (one file, or shards listed by
-`model.safetensors.index.json`) tensor by tensor; export writes `model.safetensors` and a
+`model.safetensors.index.json`) tensor by tensor: onto the host (`load_hf_checkpoint`), or
+straight into a device mesh (`load_hf_params_sharded`: each device's block of each tensor is read
+on its own, so no host ever holds the model). Export writes `model.safetensors` and a
 `config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -249,15 +252,27 @@ def tensor_maps(config: TransformerConfig) -> tuple[list[TensorMap], LayerMaps]:
   return maps, stacks
 
 
+def _check(tensor: TensorMap, found: tuple[int, ...] | None) -> None:
+  """One-line ValueError if the HF tensor is missing (`found` None) or not of the HF shape."""
+  if found is None:
+    raise ValueError(f"{tensor.hf_name}: missing from the state dict "
+                     f"(expected shape {tensor.hf_shape} for {'/'.join(tensor.path)}).")
+  if tuple(found) != tensor.hf_shape:
+    raise ValueError(f"{tensor.hf_name}: expected shape {tensor.hf_shape}, found {tuple(found)}.")
+
+
 def _fetch(state_dict: Mapping[str, Any], tensor: TensorMap) -> np.ndarray:
   """The HF tensor of `tensor` in our layout; ValueError if it is missing or mis-shaped."""
   if tensor.hf_name not in state_dict:
-    raise ValueError(f"{tensor.hf_name}: missing from the state dict "
-                     f"(expected shape {tensor.hf_shape} for {'/'.join(tensor.path)}).")
+    _check(tensor, None)
   array = np.asarray(state_dict[tensor.hf_name])
-  if array.shape != tensor.hf_shape:
-    raise ValueError(f"{tensor.hf_name}: expected shape {tensor.hf_shape}, found {array.shape}.")
+  _check(tensor, array.shape)
   return tensor.to_ours(array)
+
+
+def _scanned(path: tuple[str, ...]) -> tuple[str, ...]:
+  """The path of a per-layer parameter in a scanned stack (`layers_3` -> `layers`)."""
+  return tuple("layers" if p.startswith("layers_") else p for p in path)
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -282,8 +297,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: TransformerConfig) -> 
     if config.scan_layers:
       for j, tensor in enumerate(per_layer[0]):
         stacked = np.stack([_fetch(state_dict, layer[j]) for layer in per_layer])
-        path = tuple("layers" if p.startswith("layers_") else p for p in tensor.path)
-        _put(params, path, jnp.asarray(stacked, dtype))
+        _put(params, _scanned(tensor.path), jnp.asarray(stacked, dtype))
     else:
       for layer in per_layer:
         for tensor in layer:
@@ -306,8 +320,7 @@ def params_to_hf(params: Mapping[str, Any], config: TransformerConfig) -> dict[s
     for i, layer in enumerate(per_layer):
       for tensor in layer:
         if config.scan_layers:
-          path = tuple("layers" if p.startswith("layers_") else p for p in tensor.path)
-          array = np.asarray(_get(params, path))[i]
+          array = np.asarray(_get(params, _scanned(tensor.path)))[i]
         else:
           array = np.asarray(_get(params, tensor.path))
         state_dict[tensor.hf_name] = tensor.to_hf(array)
@@ -411,11 +424,11 @@ def save_hf_checkpoint(directory: str, params: Mapping[str, Any], config: Transf
 
 
 class SafetensorsDirectory(Mapping[str, np.ndarray]):
-  """The tensors of a local HF checkpoint, read one at a time on access.
+  """The tensors of a local HF checkpoint, read one at a time on access, or block by block.
 
   `model.safetensors.index.json` (sharded) names each tensor's file; otherwise every tensor is in
-  `model.safetensors`. Tensors come back as numpy arrays (bfloat16 via ml_dtypes), read on the
-  CPU whatever the default device.
+  `model.safetensors`. Tensors come back as numpy arrays (bfloat16 via ml_dtypes); files are
+  memory-mapped, so reading a block reads only its bytes.
   """
 
   def __init__(self, directory: str) -> None:
@@ -426,20 +439,31 @@ class SafetensorsDirectory(Mapping[str, np.ndarray]):
       with open(index, encoding="utf-8") as f:
         self._weight_map: dict[str, str] = json.load(f)["weight_map"]
     elif os.path.exists(single):
-      with safetensors.safe_open(single, framework="flax") as f:
+      with safetensors.safe_open(single, framework="numpy") as f:
         self._weight_map = {name: "model.safetensors" for name in f.keys()}
     else:
       raise FileNotFoundError(f"{directory}: neither model.safetensors nor "
                               "model.safetensors.index.json.")
     self._files: dict[str, Any] = {}
 
-  def __getitem__(self, name: str) -> np.ndarray:
+  def _slice(self, name: str) -> Any:
     filename = self._weight_map[name]
     if filename not in self._files:
       self._files[filename] = safetensors.safe_open(os.path.join(self._directory, filename),
-                                                    framework="flax")
-    with jax.default_device(jax.devices("cpu")[0]):
-      return np.asarray(self._files[filename].get_tensor(name))
+                                                    framework="numpy")
+    return self._files[filename].get_slice(name)  # (numpy's get_tensor rejects bfloat16)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The stored shape, read from the file header."""
+    return tuple(self._slice(name).get_shape())
+
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor, or only its block `index` (one slice per dimension)."""
+    tensor = self._slice(name)
+    return np.asarray(tensor[index or tuple(slice(None) for _ in tensor.get_shape())])
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.read(name)
 
   def __contains__(self, name: object) -> bool:
     return name in self._weight_map
@@ -451,13 +475,91 @@ class SafetensorsDirectory(Mapping[str, np.ndarray]):
     return len(self._weight_map)
 
 
+def read_hf_config(directory: str, **overrides: Any) -> TransformerConfig:
+  """The TransformerConfig of the HF checkpoint in a local directory (its `config.json`)."""
+  if not os.path.exists(os.path.join(directory, "config.json")):
+    raise FileNotFoundError(f"{directory}: no config.json; point at a Hugging Face checkpoint "
+                            "directory (config.json and safetensors).")
+  return config_from_hf(transformers.AutoConfig.from_pretrained(directory), **overrides)
+
+
 def load_hf_checkpoint(directory: str,
                        **overrides: Any) -> tuple[TransformerConfig, dict[str, Any]]:
   """(config, unboxed params) of the HF checkpoint in a local directory (`config.json` +
   safetensors, single file or sharded). `overrides` are TransformerConfig fields (dtype,
   scan_layers, ...); a missing or mis-shaped tensor raises a one-line ValueError."""
-  config = config_from_hf(transformers.AutoConfig.from_pretrained(directory), **overrides)
+  config = read_hf_config(directory, **overrides)
   return config, params_from_hf(SafetensorsDirectory(directory), config)
+
+
+def _block(reader: SafetensorsDirectory, tensor: TensorMap, index: tuple[slice, ...]
+           ) -> np.ndarray:
+  """Block `index` of `tensor` in our layout, reading only the HF rows and columns it spans.
+
+  Our dims before `in_dims` flatten to HF's columns (inputs), the rest to its rows (outputs):
+  the block's flat row and column indices give the HF sub-matrix to read, usually exactly the
+  block (heads and embedding split into contiguous ranges).
+  """
+  if tensor.in_dims is None:
+    return reader.read(tensor.hf_name, index)
+  ranges = [range(*part.indices(size)) for part, size in zip(index, tensor.shape)]
+  k = tensor.in_dims
+  cols = np.ravel_multi_index(np.ix_(*ranges[:k]), tensor.shape[:k]).ravel()  # [block inputs]
+  rows = np.ravel_multi_index(np.ix_(*ranges[k:]), tensor.shape[k:]).ravel()  # [block outputs]
+  hf_block = reader.read(tensor.hf_name, (slice(rows.min(), rows.max() + 1),
+                                          slice(cols.min(), cols.max() + 1)))  # [rows, cols]
+  picked = hf_block[np.ix_(rows - rows.min(), cols - cols.min())]  # [block outputs, inputs]
+  return picked.T.reshape([len(r) for r in ranges])
+
+
+def _stacked_block(reader: SafetensorsDirectory, layers: list[TensorMap],
+                   index: tuple[slice, ...]) -> np.ndarray:
+  """Block `index` of a scanned parameter: [layers, ...] stacked from per-layer HF tensors."""
+  picked = range(*index[0].indices(len(layers)))
+  return np.stack([_block(reader, layers[i], index[1:]) for i in picked])
+
+
+def load_hf_params_sharded(directory: str, config: TransformerConfig, shardings: Any
+                           ) -> dict[str, Any]:
+  """Our params of the HF checkpoint in `directory`, placed straight into `shardings`.
+
+  `shardings` is a tree like the params with a NamedSharding per leaf (e.g. a ParamsOnly state
+  spec's). Every tensor is checked first (one-line errors as `load_hf_checkpoint`); then each
+  device's block of each parameter is read from the safetensors files on its own
+  (`jax.make_array_from_callback`), so a host holds about one tensor at a time, never the model.
+  Equal to `load_hf_checkpoint`'s params, sharded.
+  """
+  reader = SafetensorsDirectory(directory)
+  dtype = jnp.dtype(config.param_dtype)
+  maps, stacks = tensor_maps(config)
+  for tensor in maps + [t for stack in stacks.values() for layer in stack for t in layer]:
+    _check(tensor, reader.shape(tensor.hf_name) if tensor.hf_name in reader else None)
+  params: dict[str, Any] = {}
+
+  def place(path: tuple[str, ...], shape: tuple[int, ...],
+            read_block: Callable[[tuple[slice, ...]], np.ndarray]) -> None:
+    blocks: dict[Any, np.ndarray] = {}  # replicated devices ask for the same block
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+      key = tuple((part.start, part.stop, part.step) for part in index)
+      if key not in blocks:
+        blocks[key] = np.asarray(read_block(index), dtype)
+      return blocks[key]
+
+    _put(params, path, jax.make_array_from_callback(shape, _get(shardings, path), callback))
+
+  for tensor in maps:
+    place(tensor.path, tensor.shape, functools.partial(_block, reader, tensor))
+  for per_layer in stacks.values():
+    if config.scan_layers:
+      for j, tensor in enumerate(per_layer[0]):
+        layers = [layer[j] for layer in per_layer]
+        place(_scanned(tensor.path), (len(layers),) + tensor.shape,
+              functools.partial(_stacked_block, reader, layers))
+    else:
+      for tensor in (t for layer in per_layer for t in layer):
+        place(tensor.path, tensor.shape, functools.partial(_block, reader, tensor))
+  return params
 
 
 def load_hf_vocabulary(directory: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:

@@ -1,6 +1,8 @@
 """`polyglot-jax eval` and `polyglot-jax infer`: a trained checkpoint over a seqio task.
 
 Both restore only the parameters (no optimizer state) straight into the mesh's shardings.
+`eval` reports loss, accuracy, perplexity and the task's generation metrics, overall and per
+language (`evaluation.Evaluator`); `infer` writes greedy predictions as JSONL.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import seqio
 
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
+from polyglot_jax.inference import evaluation
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, loop, step as step_lib, train_state
 
@@ -33,18 +36,21 @@ def _restore(model: Any, dataset_cfg: DatasetConfig, checkpoint_dir: str, step: 
 def evaluate(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQUIRED,
              model_dir: str = gin.REQUIRED, step: int | None = None,
              mesh: MeshConfig = MeshConfig(), eval_steps: int = 1000) -> dict[str, float]:
-  """Loss and accuracy of a checkpoint on a dataset; printed and written to MODEL_DIR/eval/."""
+  """Metrics of a checkpoint on the first `eval_steps` batches of a dataset (every example,
+  the last batch padded), overall, per language and per resource group: the table is printed
+  and written to MODEL_DIR/eval/<task>.json. Returns the overall and group metrics."""
   partitioner = Partitioner(mesh)
-  ds, spec, params = _restore(model, dataset_cfg, model_dir, step, partitioner)
-  with partitioner.activate():
-    metrics = loop.evaluate(model, params, step_lib.make_eval_step(model, spec, partitioner),
-                            partitioner, iterate_batches(ds), eval_steps)
-  out_dir = os.path.join(model_dir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{dataset_cfg.mixture_or_task_name}.json"), "w") as f:
-    json.dump(metrics, f, indent=1)
-  print(json.dumps({"task": dataset_cfg.mixture_or_task_name, **metrics}), flush=True)
-  return metrics
+  _, spec, params = _restore(model, dataset_cfg, model_dir, step, partitioner)
+  evaluator = evaluation.Evaluator(
+      model, partitioner, spec.shardings.params, dataset_cfg,
+      max_examples=eval_steps * dataset_cfg.batch_size,
+      eval_step=step_lib.make_eval_step(model, spec, partitioner))
+  results = evaluator.evaluate(params)
+  evaluation.write_json(os.path.join(model_dir, "eval", f"{dataset_cfg.mixture_or_task_name}.json"),
+                        results, split=dataset_cfg.split)
+  print(results.table(), flush=True)
+  print(json.dumps({"task": dataset_cfg.mixture_or_task_name, **results.flat()}), flush=True)
+  return results.flat()
 
 
 @gin.configurable

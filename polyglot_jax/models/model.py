@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import seqio
 
 from polyglot_jax.inference import decoding
-from polyglot_jax.models import losses
+from polyglot_jax.models import losses, routing
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.decoder import DecoderOnly
 from polyglot_jax.models.encoder_decoder import EncoderDecoder
@@ -62,17 +62,18 @@ class BaseTransformerModel(abc.ABC):
     """Batch features passed to `self.module` (when present in the batch)."""
 
   @abc.abstractmethod
-  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
+  def _decoding_inputs(self, params: Params, batch: Batch, prompt_with_targets: bool = False
+                       ) -> tuple[DecoderFn, Array, Array]:
     """(decoder_fn, initial decoder tokens [batch, length], start [batch]).
 
     Row b's prompt fills `tokens[b, :start[b] + 1]`; its first output is predicted at `start[b]`.
     """
 
-  def decoding_start(self, params: Params, batch: Batch,
-                     use_cache: bool = True) -> decoding.DecodingStart:
+  def decoding_start(self, params: Params, batch: Batch, use_cache: bool = True,
+                     prompt_with_targets: bool = False) -> decoding.DecodingStart:
     """Reads the prompts: with `use_cache`, one prefill pass fills the KV cache and each step
     then runs one token per row; otherwise every step re-runs the whole prefix."""
-    decoder_fn, tokens, start = self._decoding_inputs(params, batch)
+    decoder_fn, tokens, start = self._decoding_inputs(params, batch, prompt_with_targets)
     if not use_cache:
       return decoding.recompute_step(lambda t: decoder_fn({"params": params}, t), tokens, start)
     logits, cache = decoder_fn({"params": params}, tokens, decode=True,
@@ -112,20 +113,44 @@ class BaseTransformerModel(abc.ABC):
     return self.module.init({"params": rng}, **inputs, enable_dropout=False)
 
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None,
-              loss_normalizer: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """(loss, metric sums) of `losses.cross_entropy_loss`; dropout iff `dropout_rng` is given.
+              loss_normalizer: Array | None = None, global_num_tokens: Array | None = None
+              ) -> tuple[Array, dict[str, Array]]:
+    """(loss, metric sums): `losses.cross_entropy_loss` plus the routers' auxiliary losses.
+
+    Routed models (MoE, MoV, MoLoRA) add `load_balance_weight * load_balance_loss +
+    router_z_loss_weight * router_z_loss`, averaged over routers, to the loss, and report the
+    router statistics as token-weighted sums `experts/<name>` (see `losses.summarize`).
 
     Args:
       params: unboxed parameters.
       batch: features incl. `decoder_target_tokens` and `decoder_loss_weights`.
       dropout_rng: dropout key, or None for a deterministic pass.
       loss_normalizer: the global batch's divisor under gradient accumulation; None computes it.
+      global_num_tokens: the global batch's real target tokens under gradient accumulation, so
+        each microbatch's auxiliary loss counts in proportion to its tokens; None = this batch.
     """
-    logits = self._logits(params, batch, dropout_rng)  # [batch, length, vocab]
-    return losses.cross_entropy_loss(
+    logits, state = self._logits(params, batch, dropout_rng,
+                                 mutable=[routing.STATS_COLLECTION])  # [batch, length, vocab]
+    loss, sums = losses.cross_entropy_loss(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
         z_loss=self._z_loss, label_smoothing=self._label_smoothing,
         loss_normalizing_factor=self._loss_normalizing_factor, loss_normalizer=loss_normalizer)
+    stats = routing.collect_statistics(state.get(routing.STATS_COLLECTION, {}))
+    if not stats:
+      return loss, sums
+    lb_weight, z_weight = self._router_loss_weights
+    aux = lb_weight * stats["load_balance_loss"] + z_weight * stats["router_z_loss"]
+    share = 1.0 if global_num_tokens is None else sums["num_tokens"] / jnp.maximum(
+        global_num_tokens, 1.0)
+    stats["aux_loss"] = aux
+    sums.update({f"experts/{name}": value * sums["num_tokens"] for name, value in stats.items()})
+    return loss + share * aux, sums
+
+  @property
+  def _router_loss_weights(self) -> tuple[float, float]:
+    """(load-balancing, router z-loss) coefficients of the configured MoE or adapters."""
+    routed = self.config.moe or self.config.adapters
+    return routed.load_balance_weight, routed.router_z_loss_weight
 
   def eval_fn(self, params: Params, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """`loss_fn` without dropout."""
@@ -148,7 +173,7 @@ class BaseTransformerModel(abc.ABC):
 
   def predict_batch_with_aux(self, params: Params, batch: Batch, rng: Array | None = None,
                              decoder_params: Mapping[str, Any] | None = None,
-                             return_all_decodes: bool = False
+                             return_all_decodes: bool = False, prompt_with_targets: bool = False
                              ) -> tuple[Array, dict[str, Array]]:
     """Decodes a batch with the KV cache: (tokens [batch, max_decode_len], {'scores': [batch]}).
 
@@ -159,7 +184,7 @@ class BaseTransformerModel(abc.ABC):
     max_decode_len] and [batch, num_decodes], best first; otherwise the best one. Jit-able.
     """
     settings = decoding.DecoderParams.parse(decoder_params)
-    start = self.decoding_start(params, batch, settings.use_cache)
+    start = self.decoding_start(params, batch, settings.use_cache, prompt_with_targets)
     tokens, scores = decoding.decode(start, rng, settings)  # [b, n, length], [b, n]
     if not return_all_decodes:
       tokens, scores = tokens[:, 0], scores[:, 0]  # [batch, length], [batch]
@@ -167,9 +192,10 @@ class BaseTransformerModel(abc.ABC):
 
   def predict_batch(self, params: Params, batch: Batch, rng: Array | None = None,
                     decoder_params: Mapping[str, Any] | None = None,
-                    return_all_decodes: bool = False) -> Array:
+                    return_all_decodes: bool = False, prompt_with_targets: bool = False) -> Array:
     """The decoded tokens of `predict_batch_with_aux`."""
-    return self.predict_batch_with_aux(params, batch, rng, decoder_params, return_all_decodes)[0]
+    return self.predict_batch_with_aux(params, batch, rng, decoder_params, return_all_decodes,
+                                       prompt_with_targets)[0]
 
 
 @gin.configurable
@@ -190,8 +216,11 @@ class EncoderDecoderModel(BaseTransformerModel):
     return ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
 
-  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
-    """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from BOS 0."""
+  def _decoding_inputs(self, params: Params, batch: Batch, prompt_with_targets: bool = False
+                       ) -> tuple[DecoderFn, Array, Array]:
+    """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from BOS 0, or with
+    `prompt_with_targets` (T5X) after a forced decoder prefix: the nonzero tokens that follow
+    BOS in `decoder_input_tokens` (EOS dropped); outputs exclude the prefix."""
     encoder_tokens = batch["encoder_input_tokens"]  # [batch, enc_length]
     encoded = self.module.apply({"params": params}, encoder_tokens,
                                 batch.get("encoder_segment_ids"), batch.get("encoder_positions"),
@@ -208,8 +237,12 @@ class EncoderDecoderModel(BaseTransformerModel):
                                method=EncoderDecoder.decode)  # [batch, length, vocab]
 
     batch_size, length = batch["decoder_target_tokens"].shape
-    tokens = jnp.zeros((batch_size, length), jnp.int32)  # [batch, length]
-    return decoder_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
+    if not prompt_with_targets:
+      tokens = jnp.zeros((batch_size, length), jnp.int32)  # [batch, length]
+      return decoder_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
+    prompt = batch["decoder_input_tokens"].astype(jnp.int32)  # [batch, length]: 0, prefix, 0...
+    prompt = jnp.where(prompt == decoding.EOS_ID, 0, prompt)  # [batch, length]
+    return decoder_fn, prompt, jnp.sum(prompt[:, 1:] != 0, axis=1).astype(jnp.int32)
 
 
 @gin.configurable
@@ -240,9 +273,12 @@ class DecoderOnlyModel(BaseTransformerModel):
       features += ("decoder_causal_attention",)
     return features
 
-  def _decoding_inputs(self, params: Params, batch: Batch) -> tuple[DecoderFn, Array, Array]:
+  def _decoding_inputs(self, params: Params, batch: Batch, prompt_with_targets: bool = False
+                       ) -> tuple[DecoderFn, Array, Array]:
     """Continues the prompt: the positions of `decoder_input_tokens` marked by
-    `decoder_causal_attention` (T5X: the 0 BOS plus the inputs); outputs exclude the prompt."""
+    `decoder_causal_attention` (T5X: the 0 BOS plus the inputs); outputs exclude the prompt.
+    (`prompt_with_targets` is for encoder-decoders: here the prompt is always read.)"""
+    del prompt_with_targets
     if "decoder_causal_attention" not in batch:
       raise ValueError("predict_batch needs batch['decoder_causal_attention'] to mark the prompt "
                        "(seqio PrefixLM/Decoder feature converters with 'inputs' provide it).")

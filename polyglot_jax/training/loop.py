@@ -19,6 +19,7 @@ import numpy as np
 
 from polyglot_jax.compression.sparsity import Sparsity
 from polyglot_jax.data.pipeline import DatasetConfig, dropped_metrics, get_dataset, iterate_batches
+from polyglot_jax.inference import evaluation
 from polyglot_jax.models import losses
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, flops, step as step_lib, train_state
@@ -41,12 +42,15 @@ class InitCheckpoint:
     step: which step; None = the latest.
     assignment_map: (regex, replacement-or-None) rules, see checkpoints.source_path.
     fallback_to_scratch: keep fresh values for parameters the checkpoint lacks.
+    upcycle: sparse upcycling: a checkpoint tensor that lacks the target's "expert" axis (a
+      dense FFN kernel for an MoE layer) is copied into every expert.
   """
 
   path: str
   step: int | None = None
   assignment_map: tuple[tuple[str, str | None], ...] = ()
   fallback_to_scratch: bool = False
+  upcycle: bool = False
 
 
 @dataclasses.dataclass
@@ -122,6 +126,7 @@ def train(
     model_dir: str = gin.REQUIRED,
     total_steps: int = gin.REQUIRED,
     eval_dataset_cfg: DatasetConfig | None = None,
+    infer_eval_dataset_cfg: DatasetConfig | None = None,
     mesh: MeshConfig = MeshConfig(),
     seed: int = 0,
     num_microbatches: int = 1,
@@ -134,6 +139,7 @@ def train(
     nonfinite_policy: str = "stop",
     init_checkpoint: InitCheckpoint | None = None,
     sparsity: Sparsity | None = None,
+    trainable_params: str | None = None,
     tensorboard: bool = True,
     stop_after_step: int | None = None,
 ) -> TrainResult:
@@ -143,6 +149,10 @@ def train(
   otherwise initialises (optionally from `init_checkpoint`). `stop_after_step` ends the run early
   as a preemption would, after saving (tests use it to check exact resume). `sparsity` prunes
   weights gradually during training (gin/sparsity/*.gin) and logs `sparsity/*` metrics.
+  `trainable_params` (a regex over parameter paths, e.g. gin/routing/mov_10.gin's adapters)
+  freezes every other parameter: it gets no updates and no optimizer state.
+  Every `eval_period` steps, `eval_dataset_cfg` gives teacher-forced metrics (training_eval/)
+  and `infer_eval_dataset_cfg` decodes and scores per language (infer_eval/, `evaluation`).
   """
   if nonfinite_policy not in NONFINITE_POLICIES:
     raise ValueError(f"train.nonfinite_policy={nonfinite_policy!r}; use one of {NONFINITE_POLICIES}.")
@@ -152,7 +162,7 @@ def train(
                    num_shards=jax.process_count())
   input_shapes, input_types = _input_shapes(ds, train_dataset_cfg.batch_size)
   spec = train_state.state_spec(model, optimizer, partitioner, input_shapes, input_types,
-                                sparsity=sparsity)
+                                sparsity=sparsity, trainable_params=trainable_params)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), period=checkpoint_period,
                                   keep=keep_checkpoints, async_save=async_checkpointing)
 
@@ -167,7 +177,8 @@ def train(
       params = checkpoints.restore_params(
           init_checkpoint.path, spec.abstract.params, state.params, step=init_checkpoint.step,
           assignment_map=init_checkpoint.assignment_map,
-          fallback_to_scratch=init_checkpoint.fallback_to_scratch)
+          fallback_to_scratch=init_checkpoint.fallback_to_scratch,
+          tile_axes=checkpoints.expert_axes(spec.param_axes) if init_checkpoint.upcycle else None)
       state = train_state.with_params(spec, state, params)
   start = int(jax.device_get(state.step))
   n_params = train_state.param_count(spec.abstract.params)
@@ -187,12 +198,20 @@ def train(
   print(f"Model: {n_params:,} parameters; mesh {dict(partitioner.mesh.shape)}; "
         f"{step_flops:.3e} training FLOPs/step; peak {peak:.3e} FLOP/s ({peak_source}).",
         flush=True)
+  n_trainable = spec.trainable_count()
+  print(f"Trainable: {n_trainable:,} parameters ({100 * n_trainable / n_params:.3f}%); optimizer "
+        f"state {train_state.tree_bytes(spec.abstract.opt_state) / 2**20:.2f} MiB.", flush=True)
 
   os.makedirs(model_dir, exist_ok=True)
   writer = MetricsWriter(os.path.join(model_dir, "train"), tensorboard)
   eval_writer = MetricsWriter(os.path.join(model_dir, "training_eval",
                                            eval_dataset_cfg.mixture_or_task_name),
                               tensorboard) if eval_dataset_cfg else None
+  # T5X's infer_eval: decode up to eval_steps batches and score them per language.
+  infer_eval = evaluation.InferEval(
+      model, partitioner, spec.shardings.params, infer_eval_dataset_cfg, model_dir,
+      max_examples=eval_steps * infer_eval_dataset_cfg.batch_size,
+      tensorboard=tensorboard) if infer_eval_dataset_cfg else None
   progress = Progress(start, total_steps)
   result = TrainResult(step=start, losses=[], eval_metrics={})
   nonfinite_total = 0
@@ -203,14 +222,17 @@ def train(
   def run_eval(at_step: int) -> None:
     nonlocal window_start
     began = time.time()
-    eval_ds = get_dataset(eval_dataset_cfg, converter, shard_id=jax.process_index(),
-                          num_shards=jax.process_count(), num_epochs=1)
-    metrics = evaluate(model, state.params, eval_step, partitioner, iterate_batches(eval_ds),
-                       eval_steps)
-    eval_writer.write(at_step, metrics)
-    result.eval_metrics = metrics
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-    print(f"eval {eval_dataset_cfg.mixture_or_task_name} @ step {at_step}: {shown}", flush=True)
+    if infer_eval:
+      infer_eval(state.params, at_step)
+    if eval_dataset_cfg:
+      eval_ds = get_dataset(eval_dataset_cfg, converter, shard_id=jax.process_index(),
+                            num_shards=jax.process_count(), num_epochs=1)
+      metrics = evaluate(model, state.params, eval_step, partitioner, iterate_batches(eval_ds),
+                         eval_steps)
+      eval_writer.write(at_step, metrics)
+      result.eval_metrics = metrics
+      shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+      print(f"eval {eval_dataset_cfg.mixture_or_task_name} @ step {at_step}: {shown}", flush=True)
     window_start += time.time() - began  # Throughput counts training time only.
 
   def finish_step(at_step: int, device_metrics: Any) -> None:
@@ -255,13 +277,14 @@ def train(
           _write_operative_config(model_dir)
         if ckpt.save(step, state, {"batches": step}):
           last_saved = step
-        if eval_dataset_cfg and eval_period and step % eval_period == 0 and step < end:
+        if (eval_dataset_cfg or infer_eval) and eval_period and step % eval_period == 0 \
+            and step < end:
           run_eval(step)
       if last_saved != step:  # The end of the run, or a signal: always leave a checkpoint.
         ckpt.save(step, state, {"batches": step}, force=True)
       if pending is not None:
         finish_step(*pending)
-      if step == total_steps and eval_dataset_cfg:
+      if step == total_steps and (eval_dataset_cfg or infer_eval):
         run_eval(step)
       result.step = step
       result.interrupted = stop.received
@@ -274,6 +297,8 @@ def train(
     writer.close()
     if eval_writer:
       eval_writer.close()
+    if infer_eval:
+      infer_eval.close()
   result.state = state
   return result
 
