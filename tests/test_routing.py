@@ -5,18 +5,23 @@ of the Flax modules they check.
 """
 
 import dataclasses
+import glob
+import os
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from polyglot_jax import gin_setup
 from polyglot_jax.models import adapters, moe, routing
 from polyglot_jax.models.config import AdapterConfig, MoeConfig, TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
+from polyglot_jax.parallel import partitioning
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import checkpoints, step as step_lib, train_state
+from polyglot_jax.training import checkpoints, optimizers, step as step_lib, train_state
 from polyglot_jax.training.optimizers import Adafactor
 # The same tiny dimensions and padded random batches as the train-step tests.
 from test_training import TINY, _SGD, _batch  # noqa: E402  pylint: disable=wrong-import-position
@@ -419,3 +424,33 @@ def _params_decoder(model):
   shapes = {"decoder_input_tokens": (2, 12), "decoder_target_tokens": (2, 12)}
   return train_state._unbox(  # pylint: disable=protected-access
       model.get_initial_variables(jax.random.key(0), shapes)["params"])
+
+
+@pytest.mark.parametrize("routing_file", sorted(
+    os.path.relpath(p, gin_setup.GIN_DIR)
+    for p in glob.glob(os.path.join(gin_setup.GIN_DIR, "routing", "*.gin"))))
+def test_every_routing_file_composes_with_both_model_families(routing_file):
+  """Each gin/routing file on an encoder-decoder and a decoder-only model: the routed parameters
+  exist, and the trainable regex (if any) selects exactly them."""
+  for model_file in ("models/mt5/tiny.gin", "models/llama/tiny.gin"):
+    gin.clear_config()
+    try:
+      gin_setup.parse([model_file, "runs/pretrain.gin", routing_file],
+                      ["MIXTURE_OR_TASK_NAME='udhr_lm'", "TASK_FEATURE_LENGTHS={'targets': 8}",
+                       "TRAIN_STEPS=1", "MODEL_DIR='/tmp/unused'"])
+      model = gin.query_parameter("train.model").scoped_configurable_fn()
+      try:
+        trainable = gin.query_parameter("train.trainable_params")
+      except ValueError:  # Not bound: every parameter trains.
+        trainable = None
+    finally:
+      gin.clear_config()
+    shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
+    boxed = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0), shapes))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(boxed["params"])[0]]
+    routed = [p for p in paths if "_adapter" in p or "router" in p]
+    assert bool(routed) == (not routing_file.endswith("dense.gin")), (model_file, routing_file)
+    if trainable is not None:
+      mask = optimizers.trainable_mask(partitioning.logical_axes(boxed["params"]), trainable)
+      assert sum(jax.tree.leaves(mask)) == len(routed)
