@@ -33,6 +33,12 @@ def _clean_gin():
     ([QUICKSTART, "--gin.MIXTURE_OR_TASK_NAME=udhr_spam_corruption"], "udhr_spam_corruption"),
     ([QUICKSTART, "--gin.MeshConfig.data=3"], "needs 3 devices but 8 are visible"),
     ([QUICKSTART, "--gin.MeshConfig.rules=(('embed', 'fsdpp'),)"], "unknown mesh axis 'fsdpp'"),
+    ([QUICKSTART, "--gin_file=routing/mov_10.gin", "--gin.AdapterConfig.kind=movv"],
+     "AdapterConfig.kind='movv': use one of ia3, lora, mov, molora"),
+    ([QUICKSTART, "--gin_file=routing/ia3.gin", "--gin.train.trainable_params=encoder/.*_adaptr/.*"],
+     "matches no parameter"),
+    ([QUICKSTART, "--gin_file=routing/moe_top2_8.gin", "--gin.MoeConfig.num_selected=9"],
+     "MoeConfig.num_selected=9 must be in [1, num_experts=8]"),
 ])
 def test_bad_configuration_is_one_line(args, fragment, capsys, tmp_path):
   code = cli.main(["train", *args, f"--gin.MODEL_DIR={tmp_path}"])
