@@ -159,7 +159,11 @@ def test_experts_choose_gives_each_expert_its_top_capacity_tokens():
   variables = layer.init(jax.random.key(7), x, mask)
   params = {k: np.asarray(v["kernel"]) if k != "router" else v
             for k, v in jax.tree.map(np.asarray, nn.unbox(variables["params"])).items()}
-  out = np.asarray(layer.apply(variables, x, mask))
+  out, state = layer.apply(variables, x, mask, mutable=[routing.STATS_COLLECTION])
+  out = np.asarray(out)
+  stats = routing.collect_statistics(state[routing.STATS_COLLECTION])
+  # Every expert fills its 2 slots with real tokens: equal load by construction.
+  np.testing.assert_allclose([stats[f"load_{e}"] for e in range(4)], 0.25, rtol=1e-6)
   probs = np.array(jax.nn.softmax(np.asarray(x[0]) @ params["router"]["kernel"]))  # [l, E]
   probs[mask[0] == 0] = -1.0
   want = np.zeros((8, TINY["emb_dim"]))

@@ -114,11 +114,6 @@ class LoraAdapter(nn.Module):
     return update * jnp.asarray(cfg.alpha / cfg.rank, self.dtype)
 
 
-def _mask(mask: Array | None, x: Array) -> Array:
-  """The [batch, length] token mask, all ones when the caller has none (decoding steps)."""
-  return jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask
-
-
 def adapt_projection(config: TransformerConfig, site: str, y: Array, x: Array,
                      mask: Array | None, in_axis: str, out_axes: tuple[str, ...],
                      name: str | None = None) -> Array:
@@ -129,7 +124,7 @@ def adapt_projection(config: TransformerConfig, site: str, y: Array, x: Array,
     return y
   update = LoraAdapter(adapters, y.shape[2:], in_axis, out_axes, dtype=jnp.dtype(config.dtype),
                        param_dtype=jnp.dtype(config.param_dtype),
-                       name=name or f"{site}_adapter")(x, _mask(mask, x))
+                       name=name or f"{site}_adapter")(x, routing.token_mask(mask, x))
   return y + update.astype(y.dtype)  # [batch, length, *features]
 
 
@@ -141,4 +136,4 @@ def adapt_activation(config: TransformerConfig, site: str, h: Array, router_inpu
   if adapters is None or not adapters.adapts(site, low_rank=False):
     return h
   return ScaleAdapter(adapters, axes, jnp.dtype(config.param_dtype), name=f"{site}_adapter")(
-      h, router_inputs, _mask(mask, h))
+      h, router_inputs, routing.token_mask(mask, h))

@@ -68,7 +68,7 @@ class MoeMlp(nn.Module):
     """[batch, length, embed] -> [batch, length, embed]; padded tokens (`token_mask` 0) go to
     no expert and take no capacity."""
     cfg, moe = self.config, self.config.moe
-    mask = jnp.ones(x.shape[:2], jnp.float32) if token_mask is None else token_mask  # [b, l]
+    mask = routing.token_mask(token_mask, x)  # [batch, length]
     logits = routing.Router(moe.num_experts, moe.router_init_stddev,
                             jnp.dtype(cfg.param_dtype), name="router")(x)  # [batch, length, E]
     wi = [self._kernel(name, (cfg.emb_dim, cfg.mlp_dim), ("embed", "expert_mlp"))
@@ -169,8 +169,10 @@ def _experts_choose(logits: Array, mask: Array, capacity_per_expert: int
   combine = dispatch * probs[..., None]  # [batch, length, E, C]
   per_token = jnp.sum(dispatch, axis=-1).astype(jnp.float32)  # [batch, length, E]
   weights = per_token * probs  # [batch, length, E]
-  slots = per_token / jnp.maximum(jnp.sum(per_token, axis=(1, 2), keepdims=True), 1.0)
-  slots = slots * jnp.maximum(jnp.sum(real, axis=1), 1)[:, None, None]  # [batch, length, E]
+  # Scaled so that the mean over real tokens (the statistics' `load`) is each expert's share of
+  # all picks.
+  num_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+  slots = per_token * (num_real / jnp.maximum(jnp.sum(per_token), 1.0))  # [batch, length, E]
   unpicked = jnp.sum((jnp.sum(per_token, axis=-1) == 0) & real) / jnp.maximum(jnp.sum(real), 1)
   return routing.Gate(weights, probs, slots, None), dispatch, combine, unpicked.astype(jnp.float32)
 

@@ -26,6 +26,12 @@ Array = jax.Array
 STATS_COLLECTION = "router_stats"
 
 
+def token_mask(mask: Array | None, x: Array) -> Array:
+  """The [batch, length] mask of real tokens of `x`; all ones when the caller has none
+  (decoding steps, whose single tokens are always real)."""
+  return jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask
+
+
 class Router(nn.Module):
   """Bias-free linear router in float32: [batch, length, d] -> [batch, length, experts] logits."""
 
