@@ -6,7 +6,8 @@ with `iterate_batches`, exactly what `training.loop.train` reads. Nothing else r
 Defaults are the quickstart's (gin/experiments/quickstart.gin): task udhr_span_corruption,
 inputs 128 / targets 32, batch 16, encoder-decoder packing. The first `--warmup` batches (graph
 construction, tracing, shuffle-buffer fill) are timed separately as start-up; then `--batches`
-batches are timed together.
+batches are timed together. With `--hosts H`, the process plays host 0 of H: it reads only its
+data shard and produces batches of batch / H rows (steps/s is then per host).
 
 Reported per task or mixture:
   startup_s             get_dataset + the warm-up batches
@@ -38,11 +39,11 @@ from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batch
 
 
 def measure(name: str, lengths: dict[str, int], batch_size: int, warmup: int, batches: int,
-            train_steps_per_second: float) -> dict[str, float | str]:
-  """Times one task or mixture through the trainer's pipeline; returns the reported numbers."""
+            train_steps_per_second: float, hosts: int = 1) -> dict[str, float | str]:
+  """Times one task or mixture through the trainer's pipeline (as host 0 of `hosts`)."""
   began = time.perf_counter()
   cfg = DatasetConfig(name, lengths, "train", batch_size)
-  it = iterate_batches(get_dataset(cfg, seqio.EncDecFeatureConverter))
+  it = iterate_batches(get_dataset(cfg, seqio.EncDecFeatureConverter, 0, hosts))
   for _ in range(warmup):
     next(it)
   startup = time.perf_counter() - began
@@ -60,7 +61,7 @@ def measure(name: str, lengths: dict[str, int], batch_size: int, warmup: int, ba
       "steps_per_second": steps,
       "examples_per_second": segments / seconds,
       "tokens_per_second": tokens / seconds,
-      "slot_tokens_per_second": steps * batch_size * sum(lengths.values()),
+      "slot_tokens_per_second": steps * batch_size // hosts * sum(lengths.values()),
       "headroom": steps / train_steps_per_second,
   }
 
@@ -71,7 +72,8 @@ def main() -> None:
                       help="comma-separated tasks or mixtures (encoder-decoder features)")
   parser.add_argument("--inputs_length", type=int, default=128)
   parser.add_argument("--targets_length", type=int, default=32)
-  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--batch_size", type=int, default=16, help="global batch")
+  parser.add_argument("--hosts", type=int, default=1, help="measure host 0 of this many")
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--batches", type=int, default=300)
   parser.add_argument("--train_steps_per_second", type=float, default=1.0,
@@ -80,9 +82,9 @@ def main() -> None:
   args = parser.parse_args()
   lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
   rows = [measure(name, lengths, args.batch_size, args.warmup, args.batches,
-                  args.train_steps_per_second) for name in args.names.split(",")]
+                  args.train_steps_per_second, args.hosts) for name in args.names.split(",")]
   print(f"{os.cpu_count()} CPUs visible; lengths {lengths}, batch {args.batch_size}, "
-        f"{args.batches} timed batches")
+        f"host 0 of {args.hosts}, {args.batches} timed batches")
   header = ("name", "startup_s", "steps_per_second", "examples_per_second", "tokens_per_second",
             "slot_tokens_per_second", "headroom")
   print("  ".join(f"{h:>22}" for h in header))

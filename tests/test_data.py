@@ -11,7 +11,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import preprocessors, tasks, udhr, vocab
+from polyglot_jax.data import mixing, preprocessors, tasks, udhr, vocab
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
 
 SMALL_LENGTHS = {
@@ -223,18 +223,42 @@ def test_get_dataset_is_deterministic_and_resumable():
   assert not np.array_equal(first[0]["encoder_input_tokens"], other_seed["encoder_input_tokens"])
 
 
-def _rows(batch: dict[str, np.ndarray]) -> list[bytes]:
-  keys = sorted(batch)
-  return [b"".join(batch[k][i].tobytes() for k in keys) for i in range(len(batch[keys[0]]))]
+@pytest.mark.parametrize("name", [tasks.CHATTERBOT_DIALOG, "test_dialog_mix"])
+def test_two_hosts_read_their_shards_and_together_give_the_one_host_batches(name):
+  mixing.register_language_mixture(
+      "test_dialog_mix", {f"chatterbot_dialog.{c}": c for c in ("eng", "yor", "tel", "jpn")})
+  cfg = DatasetConfig(name, {"inputs": 32, "targets": 32}, "train", batch_size=4,
+                      num_data_shards=2)
+  one = _take(get_dataset(cfg, seqio.EncDecFeatureConverter), 3)
+  hosts = [_take(get_dataset(cfg, seqio.EncDecFeatureConverter, i, 2), 3) for i in range(2)]
+  assert max(b["decoder_segment_ids"].max() for b in one) > 1  # packed: rows of several dialogs
+  for k in range(3):  # host 0's rows, then host 1's, are the one-host batch
+    for feature, rows in one[k].items():
+      assert hosts[0][k][feature].shape == (2, 32)
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][k][feature], hosts[1][k][feature]]), rows)
 
 
-def test_two_hosts_split_the_one_host_batches():
-  name = tasks.UDHR_LM
-  one = _take(get_dataset(_config(name), CONVERTERS[name]), 3)
-  hosts = [_take(get_dataset(_config(name), CONVERTERS[name], i, 2), 3) for i in range(2)]
-  for k in range(3):
-    assert all(hosts[i][k]["decoder_target_tokens"].shape == (2, 32) for i in range(2))
-    assert sorted(_rows(hosts[0][k]) + _rows(hosts[1][k])) == sorted(_rows(one[k]))
+def test_each_data_shard_reads_only_its_examples():
+  source = seqio.get_mixture_or_task("udhr_lm.fra").source
+  texts = [x["text"] for x in source.get_dataset("train", shuffle=False).as_numpy_iterator()]
+  shards = [[x["text"] for x in source.get_dataset(
+      "train", shuffle=True, seed=0, shard_info=seqio.ShardInfo(i, 2)).as_numpy_iterator()]
+            for i in range(2)]
+  assert sorted(shards[0]) == sorted(texts[0::2]) and sorted(shards[1]) == sorted(texts[1::2])
+
+
+def test_finite_passes_give_every_host_the_same_number_of_batches():
+  cfg = DatasetConfig("udhr_lm.eng", {"targets": 32}, "validation", batch_size=8, shuffle=False,
+                      pack=False, num_data_shards=4)
+  one = list(iterate_batches(get_dataset(cfg, seqio.DecoderFeatureConverter, num_epochs=1)))
+  hosts = [list(iterate_batches(get_dataset(cfg, seqio.DecoderFeatureConverter, i, 2,
+                                            num_epochs=1))) for i in range(2)]
+  assert len(hosts[0]) == len(hosts[1]) == len(one) > 0
+  for k in (0, len(one) - 1):
+    np.testing.assert_array_equal(np.concatenate([hosts[0][k]["decoder_target_tokens"],
+                                                  hosts[1][k]["decoder_target_tokens"]]),
+                                  one[k]["decoder_target_tokens"])
 
 
 def test_pipeline_errors_are_one_line():
@@ -245,6 +269,8 @@ def test_pipeline_errors_are_one_line():
   assert "\n" not in message and "udhr_nope" in message and tasks.UDHR_LM in message
   with pytest.raises(ValueError, match="not divisible"):
     get_dataset(_config(batch_size=3), seqio.EncDecFeatureConverter, 0, 2)
+  with pytest.raises(ValueError, match="not a multiple of the 2 hosts"):
+    get_dataset(_config(num_data_shards=3), seqio.EncDecFeatureConverter, 0, 2)
 
 
 def test_dataset_config_is_gin_configurable():

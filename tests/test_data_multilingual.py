@@ -193,6 +193,31 @@ def _write_parquet(records, path):
   pq.write_table(pa.Table.from_pylist(records), path)
 
 
+def _write_tfds(records, data_dir, splits=("train",)) -> str:
+  """A prepared TFDS dataset of `records` in `splits`; returns its data dir (version folder)."""
+  import tensorflow_datasets as tfds
+
+  columns = {k: [str(r[k]) for r in records] for k in ("inputs", "targets", "language")}
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+      name="aya_test", version="1.0.0", data_dir=str(data_dir), config=None,
+      features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in columns}),
+      split_datasets={s: tf.data.Dataset.from_tensor_slices(columns) for s in splits})
+  return builder.data_dir
+
+
+def test_tfds_data_dirs_load_with_bad_records_counted(tmp_path):
+  quality.reset_dropped()
+  path = _write_tfds(GOOD + [{"inputs": "q", "targets": " ", "language": "swh"}], tmp_path)
+  tasks.register_aya_task("test_aya_tfds", {"train": path})
+  got = _examples("test_aya_tfds", {"inputs": 16, "targets": 16})
+  vocabulary = seqio.get_mixture_or_task("test_aya_tfds").output_features["inputs"].vocabulary
+  assert [vocabulary.decode(x["inputs"].tolist()) for x in got] == [r["inputs"] for r in GOOD]
+  assert quality.dropped_metrics()["data/dropped_empty"] == 1
+  with pytest.raises(ValueError) as err:
+    tasks.register_aya_task("test_aya_tfds", {"validation": path})
+  assert "\n" not in str(err.value) and "no split 'validation'" in str(err.value)
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "parquet", "tfrecord"])
 def test_aya_files_load_in_every_format(tmp_path, suffix):
   path = tmp_path / f"train.{suffix}"

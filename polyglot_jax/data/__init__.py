@@ -4,12 +4,16 @@
   vocab          SentencePiece vocabularies: train on the UDHR, or load any spiece.model
   preprocessors  span corruption, causal LM and prefix LM token preprocessors
   instructions   Aya-schema instruction records: UDHR translation prompts, chatterbot dialogs
-  aya            reading a user's Aya-format files (JSONL(.gz), Parquet, TFRecord)
+  aya            reading a user's Aya-format files (JSONL(.gz), Parquet, TFRecord, TFDS dirs)
   quality        bad input: dropped and counted (`data/dropped_*`), or strict errors
   mixing         mT5 temperature and UniMax language rates, LanguageMixture, rate tables
   tasks          seqio Tasks and Mixtures over the bundled data (registered on import),
                  per language (`udhr_lm.swh`), and `register_aya_task` for user files
   pipeline       DatasetConfig, get_dataset, iterate_batches, dropped_metrics: the trainer's API
+                 (each host reads only its data shards)
+  pruning        perplexity-based data pruning: example ids, score files, band selection
+  scoring        `polyglot-jax data score`: per-example perplexity under a checkpoint
+  gettext_corpus `polyglot-jax data build`: a parallel corpus from installed gettext catalogs
 
 Submodules are imported explicitly (TensorFlow loads with them), e.g.
 `from polyglot_jax.data.pipeline import DatasetConfig, get_dataset`.

@@ -1,13 +1,13 @@
-"""Aya-format instruction files a user downloaded: JSONL(.gz), Parquet, TFRecord.
+"""Aya-format instruction files a user downloaded: JSONL(.gz), Parquet, TFRecord, TFDS data dirs.
 
 What a user points at after downloading the Aya Dataset, the Aya Collection or xP3: records with
 "inputs", "targets" and "language" (other Aya fields are allowed and ignored). Files are read in
 Python, record by record, so that bad records can be counted and dropped (`quality`): a missing
 field, a text that is empty or not UTF-8, a JSON line that does not parse. Problems that concern a
 whole file (no such path, unknown format, required columns absent from a Parquet schema, an
-unknown `field_map` key) are one-line errors when the task is registered. TFDS data dirs are not
-read here: tensorflow-datasets needs `importlib_resources`, which the pinned stack lacks; export
-such a dataset to TFRecord or Parquet first.
+unknown `field_map` key, a TFDS data dir without the split) are one-line errors when the task is
+registered. A TFDS data dir is a prepared dataset's version folder (it holds dataset_info.json);
+the task's split names are its TFDS split names.
 
 Register a task with `tasks.register_aya_task`; this module only reads.
 """
@@ -29,12 +29,14 @@ import tensorflow as tf
 from polyglot_jax.data import quality
 from polyglot_jax.data.instructions import AYA_FIELDS
 
-FORMATS = ("jsonl", "parquet", "tfrecord")
+FORMATS = ("jsonl", "parquet", "tfrecord", "tfds")
 FIELDS = ("inputs", "targets", "language")  # what the tasks keep; "language" drives mixing
 
 
 def detect_format(path: str) -> str:
-  """Format from the file name."""
+  """Format from the file name (or a folder's dataset_info.json: a TFDS data dir)."""
+  if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    return "tfds"
   name = os.path.basename(path).lower()
   for suffixes, fmt in (
       ((".jsonl", ".jsonl.gz", ".json", ".json.gz"), "jsonl"),
@@ -105,12 +107,27 @@ def _tfrecord(path: str) -> Iterator[tuple[str, Raw]]:
     yield f"{path}:record {number}", record
 
 
+def _tfds_builder(path: str) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (a seqio dependency)
+
+  return tfds.builder_from_directory(path)
+
+
+def _tfds(path: str, split: str) -> Iterator[tuple[str, Raw]]:
+  """(location, record) of one split of a TFDS data dir, in its stored order."""
+  ds = _tfds_builder(path).as_dataset(split=split, shuffle_files=False)
+  for number, record in enumerate(ds.as_numpy_iterator(), 1):
+    yield f"{path}[{split}]:example {number}", record
+
+
 def file_columns(path: str, fmt: str) -> list[str] | None:
-  """Column names from a Parquet schema (None for row formats, checked per record)."""
+  """Column names from a Parquet schema or TFDS features (None for row formats: per record)."""
   if fmt == "parquet":
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
     return list(pq.read_schema(path).names)
+  if fmt == "tfds":
+    return list(_tfds_builder(path).info.features.keys())
   return None
 
 
@@ -147,18 +164,20 @@ class AyaFileSource(seqio.DataSource):
   def list_shards(self, split: str) -> Sequence[str]:
     return self._split_paths[split]
 
-  def _raw(self, path: str) -> Iterator[tuple[str, Raw]]:
+  def _raw(self, path: str, split: str) -> Iterator[tuple[str, Raw]]:
     if self._format == "jsonl":
       return _jsonl(path)
     if self._format == "parquet":
       present = set(file_columns(path, "parquet"))
       return _parquet(path, [c for c in self._columns.values() if c in present])
+    if self._format == "tfds":
+      return _tfds(path, split)
     return _tfrecord(path)
 
-  def examples(self, paths: Sequence[str]) -> Iterator[dict[str, str]]:
+  def examples(self, paths: Sequence[str], split: str) -> Iterator[dict[str, str]]:
     """Clean examples of `paths` in order; bad ones are counted (or raise when strict)."""
     for path in paths:
-      for where, raw in self._raw(path):
+      for where, raw in self._raw(path, split):
         if isinstance(raw, str):
           quality.drop(raw, self._name, where, self._strict)
           continue
@@ -189,7 +208,7 @@ class AyaFileSource(seqio.DataSource):
     if shuffle:
       paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
     return tf.data.Dataset.from_generator(
-        lambda: self.examples(paths),
+        lambda: self.examples(paths, split),
         output_signature={f: tf.TensorSpec([], tf.string) for f in FIELDS},
     )
 
@@ -220,7 +239,10 @@ def make_source(
     raise ValueError(f"{name}: files of several formats {sorted(formats)}; register one per format")
   fmt = formats.pop()
   required = [field_map.get(f, f) for f in FIELDS if not (f == "language" and default_language)]
-  for path in (p for ps in split_paths.values() for p in ps):
+  for split, path in ((s, p) for s, ps in split_paths.items() for p in ps):
+    if fmt == "tfds" and split not in _tfds_builder(path).info.splits:
+      raise ValueError(f"{name}: TFDS data dir {path} has no split {split!r} (splits: "
+                       f"{sorted(_tfds_builder(path).info.splits)}); name the task's splits so")
     columns = file_columns(path, fmt)
     missing = [c for c in required if columns is not None and c not in columns]
     if missing:

@@ -85,11 +85,19 @@ def language_rates(
 Columns = Mapping[str, Sequence[str]]  # feature name -> one string per example
 
 
+def shard_columns(columns: Columns, shard_info: seqio.ShardInfo | None) -> Columns:
+  """Examples index, index + num_shards, ... of in-memory columns (all of them without a shard)."""
+  if not shard_info:
+    return columns
+  return {k: v[shard_info.index::shard_info.num_shards] for k, v in columns.items()}
+
+
 class MemorySource(seqio.DataSource):
   """String examples held in memory; with `shuffle`, the whole split is permuted every epoch.
 
   Whole-split permutation matters: bundles are sorted by language, and a Task's shuffle buffer
-  only mixes neighbours. Deterministic for a given seed.
+  only mixes neighbours. Deterministic for a given seed. Any `ShardInfo` reads only that shard's
+  examples (`shard_columns`).
   """
 
   def __init__(self, columns_fn: Callable[[str], Columns], splits: Sequence[str]) -> None:
@@ -98,7 +106,7 @@ class MemorySource(seqio.DataSource):
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
-    return False
+    return True
 
   def list_shards(self, split: str) -> Sequence[str]:
     return [split]
@@ -111,13 +119,27 @@ class MemorySource(seqio.DataSource):
       shard_info: seqio.ShardInfo | None = None,
       **unused_kwargs,
   ) -> tf.data.Dataset:
-    columns = self.columns(split)
+    columns = shard_columns(self.columns(split), shard_info)
     ds = tf.data.Dataset.from_tensor_slices(
-        {k: tf.constant(v, tf.string) for k, v in columns.items()}
+        {k: tf.constant(v, tf.string, shape=[len(v)]) for k, v in columns.items()}
     )
-    if shard_info:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    return ds.shuffle(max(self.num_input_examples(split), 1), seed=seed) if shuffle else ds
+    return ds.shuffle(max(len(ds), 1), seed=seed) if shuffle else ds
+
+
+def read_shard(
+    source: seqio.DataSource, split: str, shuffle: bool, seed: int | None,
+    shard_info: seqio.ShardInfo | None,
+) -> tf.data.Dataset:
+  """Raw examples of one shard of a source, read at the source when it can split that finely.
+
+  seqio's rule (`Task.get_dataset`): sources with arbitrary sharding, or with at least as many
+  files as shards, read only their part; others are read whole and every n-th example is kept.
+  """
+  if (shard_info is None or source.supports_arbitrary_sharding
+      or len(source.list_shards(split)) >= shard_info.num_shards):
+    return source.get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info)
+  ds = source.get_dataset(split=split, shuffle=shuffle, seed=seed)
+  return ds.shard(shard_info.num_shards, shard_info.index)
 
 
 def sampled_indices(
@@ -183,29 +205,35 @@ class LanguageMixture(seqio.Mixture):
 
   def _raw_mixture(
       self, tasks: Sequence[seqio.Task], split: str, shuffle: bool, seed: int | None,
-      num_epochs: int | None,
+      num_epochs: int | None, shard_info: seqio.ShardInfo | None,
   ) -> tf.data.Dataset:
-    """Raw examples of `tasks` sampled by rate.
+    """Raw examples of one shard of `tasks`, sampled by rate.
 
     In-memory sources (the bundled tasks) are concatenated into one table and indexed by
-    `sampled_indices`: one small pipeline, whatever the number of languages. Other sources
-    (streamed files) are sampled with `tf.data.Dataset.sample_from_datasets`.
+    `sampled_indices`: one small pipeline, whatever the number of languages; tasks with no
+    example in the shard are left out. Other sources (streamed files) are read with `read_shard`
+    and sampled with `tf.data.Dataset.sample_from_datasets`.
     """
-    rates = np.array([self.get_rate(t) for t in tasks])
     sample_seed = seed if seed is not None or shuffle else 42  # seqio's rule
     if not all(isinstance(t.source, MemorySource) for t in tasks):
       sources = [  # each: raw examples of one task, repeated num_epochs times
-          t.source.get_dataset(split=split, shuffle=shuffle, seed=seed).repeat(num_epochs)
+          read_shard(t.source, split, shuffle, seed, shard_info).repeat(num_epochs)
           for t in tasks
       ]
       return tf.data.Dataset.sample_from_datasets(
-          sources, list(rates), seed=sample_seed, stop_on_empty_dataset=True
+          sources, [self.get_rate(t) for t in tasks], seed=sample_seed,
+          stop_on_empty_dataset=True,
       )
-    columns = [t.source.columns(split) for t in tasks]
+    columns = {t.name: shard_columns(t.source.columns(split), shard_info) for t in tasks}
+    tasks = [t for t in tasks if len(next(iter(columns[t.name].values())))]
+    if not tasks:
+      raise ValueError(f"mixture {self.name!r}: shard {shard_info} of split {split!r} is empty")
+    rates = np.array([self.get_rate(t) for t in tasks])
     table = {  # feature -> [total examples] strings
-        k: tf.constant([v for c in columns for v in c[k]], tf.string) for k in columns[0]
+        k: tf.constant([v for t in tasks for v in columns[t.name][k]], tf.string)
+        for k in columns[tasks[0].name]
     }
-    sizes = [t.num_input_examples(split) for t in tasks]
+    sizes = [len(next(iter(columns[t.name].values()))) for t in tasks]
     indices = tf.data.Dataset.from_generator(
         lambda: sampled_indices(sizes, rates / rates.sum(), sample_seed, shuffle, num_epochs),
         output_signature=tf.TensorSpec([None], tf.int64),
@@ -224,13 +252,16 @@ class LanguageMixture(seqio.Mixture):
       trim_output_features: bool = True,
       **unused_kwargs,
   ) -> tf.data.Dataset:
-    """Samples the tasks' raw sources with the rates, then runs the shared preprocessors once."""
+    """Samples the tasks' raw sources with the rates, then runs the shared preprocessors once.
+
+    With `shard_info`, every source reads only that shard (see `_raw_mixture`).
+    """
     if use_cached:
       raise ValueError(f"LanguageMixture {self.name!r} preprocesses on the fly; use_cached=False")
     tasks = [t for t in self.tasks if split in t.splits and t.num_input_examples(split) != 0]
     if not tasks:
       raise ValueError(f"no task of mixture {self.name!r} has examples in split {split!r}")
-    mixed = self._raw_mixture(tasks, split, shuffle, seed, num_epochs)
+    mixed = self._raw_mixture(tasks, split, shuffle, seed, num_epochs, shard_info)
 
     def mixed_source(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
       del split, shuffle_files, seed  # already applied by _raw_mixture
@@ -247,8 +278,6 @@ class LanguageMixture(seqio.Mixture):
         sequence_length, split=split, shuffle=False, seed=seed, num_epochs=1,
         trim_output_features=trim_output_features,
     )
-    if shard_info:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
     return ds.shuffle(mixed_task.shuffle_buffer_size, seed=seed) if shuffle else ds
 
 

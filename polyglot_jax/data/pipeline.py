@@ -1,10 +1,19 @@
 """The trainer's data interface: a seqio task or mixture -> deterministic host-local batches.
 
-Every host builds the same global pipeline (same seed, same order, same packing) and keeps every
-`num_shards`-th packed row, so host batch k of all hosts together is exactly global batch k,
-whatever the number of hosts. This costs each host the preprocessing of the whole stream, which is
-cheap for the bundled corpora; it buys resumption and re-sharding without changing the data.
+The data is split into `num_data_shards` shards (default: one per host). Shard k reads only its
+own part of every source (seqio's `ShardInfo(k, num_data_shards)`: a slice of in-memory data, a
+subset of the files), shuffles, preprocesses and packs it with seed `seed + k`, and fills rows
+[k * b, (k + 1) * b) of every global batch, b = batch_size // num_data_shards. Host h reads the
+consecutive shards h * s ... (h + 1) * s - 1, s = num_data_shards // num_hosts, so its batch is
+one contiguous block of the global batch (what `jax.make_array_from_process_local_data` in
+`Partitioner.shard_batch` expects). With a fixed `num_data_shards` the global batches do not
+depend on the number of hosts, which may be any divisor of it: a run can resume on another
+host count and see the same data.
 
+A finite pass (`num_epochs`, evaluation) reads every shard on every host and keeps the host's
+rows, so that all hosts see the same number of batches (it ends when the first shard runs out).
+
+`DatasetConfig.pruning` trains on a perplexity-pruned version of the task (`pruning`).
 `dropped_metrics()` returns the `data/dropped_*` counts of bad input examples (see `quality`) for
 the trainer to log next to its own metrics.
 """
@@ -20,14 +29,20 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import tasks  # noqa: F401  (registers the bundled tasks and mixtures)
+# Imported to register: the bundled tasks and mixtures, and gin's `score` (`data score`).
+from polyglot_jax.data import scoring, tasks  # noqa: F401
+from polyglot_jax.data.pruning import Pruning, register_pruned
 from polyglot_jax.data.quality import dropped_metrics  # noqa: F401  (the trainer logs these)
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
-  """What to read and how; `batch_size` is the GLOBAL batch (all hosts together)."""
+  """What to read and how; `batch_size` is the GLOBAL batch (all hosts together).
+
+  `num_data_shards` (None: the number of hosts) must divide `batch_size` and be a multiple of
+  the number of hosts; `pruning` keeps a perplexity band of the split (`pruning.Pruning`).
+  """
 
   mixture_or_task_name: str
   task_feature_lengths: Mapping[str, int]
@@ -37,24 +52,53 @@ class DatasetConfig:
   seed: int | None = 0
   use_cached: bool = False
   pack: bool = True
+  num_data_shards: int | None = None
+  pruning: Pruning | None = None
 
 
 def check_registered(name: str) -> None:
   """Raises a one-line ValueError naming `name`, close matches and the registered names.
 
-  Per-language tasks (`<task>.<code>`, thousands of them) are summarised, not listed.
+  Per-language tasks (`<task>.<code>`, thousands of them) and pruned ones (`<name>#ppl_...`)
+  are summarised, not listed.
   """
   names = {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}
   if name in names:
     return
   close = difflib.get_close_matches(name, names, n=3)
-  shown = sorted(n for n in names if "." not in n)
+  shown = sorted(n for n in names if "." not in n and "#" not in n)
   raise ValueError(
       f"unknown seqio task or mixture {name!r}"
       + (f" (did you mean {', '.join(close)}?)" if close else "")
-      + f"; registered: {', '.join(shown)}, and {len(names) - len(shown)} per-language tasks "
-      "named <task>.<language code>, e.g. udhr_lm.swh"
+      + f"; registered: {', '.join(shown)}, and {len(names) - len(shown)} per-language or pruned "
+      "tasks named <task>.<language code> (e.g. udhr_lm.swh) or <name>#ppl_<band>_<percent>"
   )
+
+
+def _shard_batches(cfg: DatasetConfig, name: str, converter: seqio.FeatureConverter,
+                   shard: seqio.ShardInfo, num_epochs: int | None) -> tf.data.Dataset:
+  """Batches of `batch_size // num_shards` rows of one data shard (see the module docstring)."""
+  ds = seqio.get_dataset(
+      name,
+      task_feature_lengths=dict(cfg.task_feature_lengths),
+      feature_converter=converter,
+      dataset_split=cfg.split,
+      use_cached=cfg.use_cached,
+      shuffle=cfg.shuffle,
+      num_epochs=num_epochs,
+      shard_info=shard if shard.num_shards > 1 else None,
+      seed=None if cfg.seed is None else cfg.seed + shard.index,
+      verbose=False,
+  )
+  return ds.batch(cfg.batch_size // shard.num_shards, drop_remainder=True)
+
+
+def _concat_rows(parts: list[tf.data.Dataset]) -> tf.data.Dataset:
+  """Batch k of every part, concatenated along the rows, in the order of `parts`."""
+  if len(parts) == 1:
+    return parts[0]
+  return tf.data.Dataset.zip(tuple(parts)).map(
+      lambda *batches: {k: tf.concat([b[k] for b in batches], 0) for k in batches[0]})
 
 
 def get_dataset(
@@ -64,30 +108,37 @@ def get_dataset(
     num_shards: int = 1,
     num_epochs: int | None = None,
 ) -> tf.data.Dataset:
-  """Host-local batches of `cfg.batch_size // num_shards` rows of model features.
+  """Host `shard_id`'s batches of `cfg.batch_size // num_shards` rows of model features.
 
-  Repeats forever when `num_epochs` is None. The same config and seed give the same batches in
-  every process; the module docstring says how the hosts share each global batch.
+  `num_shards` is the number of hosts. Repeats forever when `num_epochs` is None. The same
+  config gives the same batches in every process; the module docstring says which host reads
+  which data.
   """
   check_registered(cfg.mixture_or_task_name)
-  if cfg.batch_size % num_shards:
-    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by num_shards {num_shards}")
+  data_shards = cfg.num_data_shards or num_shards
   if not 0 <= shard_id < num_shards:
     raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
-  if cfg.seed is None and num_shards > 1:
-    raise ValueError("seed=None gives every host a different stream; set a seed for num_shards > 1")
-  ds = seqio.get_dataset(
-      cfg.mixture_or_task_name,
-      task_feature_lengths=dict(cfg.task_feature_lengths),
-      feature_converter=feature_converter_cls(pack=cfg.pack),
-      dataset_split=cfg.split,
-      use_cached=cfg.use_cached,
-      shuffle=cfg.shuffle,
-      num_epochs=num_epochs,
-      seed=cfg.seed,
-      verbose=False,
-  )
-  ds = ds.shard(num_shards, shard_id).batch(cfg.batch_size // num_shards, drop_remainder=True)
+  if data_shards % num_shards:
+    raise ValueError(f"num_data_shards {data_shards} is not a multiple of the {num_shards} hosts; "
+                     "set DatasetConfig.num_data_shards to one")
+  if cfg.batch_size % data_shards:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {data_shards} data "
+                     "shards (DatasetConfig.num_data_shards, default: the number of hosts)")
+  if cfg.seed is None and data_shards > 1:
+    raise ValueError("seed=None gives every data shard a different stream on every run; set a "
+                     "seed for num_data_shards > 1")
+  name = cfg.mixture_or_task_name
+  if cfg.pruning is not None:
+    name = register_pruned(name, cfg.pruning)
+  per_host = data_shards // num_shards
+  read = (range(data_shards) if num_epochs is not None
+          else range(shard_id * per_host, (shard_id + 1) * per_host))
+  converter = feature_converter_cls(pack=cfg.pack)
+  ds = _concat_rows([_shard_batches(cfg, name, converter, seqio.ShardInfo(k, data_shards),
+                                    num_epochs) for k in read])
+  if len(read) > per_host:  # a finite pass read every shard: keep this host's rows
+    rows = cfg.batch_size // num_shards
+    ds = ds.map(lambda b: {k: v[shard_id * rows:(shard_id + 1) * rows] for k, v in b.items()})
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -22,6 +22,12 @@ NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 
 
+@seqio.map_over_dataset
+def text_to_targets(x: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Renames "text" to "targets", keeping every other feature ("language", a scoring id)."""
+  return {**{k: v for k, v in x.items() if k != "text"}, "targets": x["text"]}
+
+
 def _max_tokens(sequence_length: Mapping[str, int] | None, *keys: str) -> int:
   """Token budget per piece: the smallest of the features' lengths, minus one for EOS."""
   if not sequence_length or any(sequence_length.get(k) is None for k in keys):

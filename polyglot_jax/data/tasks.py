@@ -40,13 +40,10 @@ AYA_INSTRUCT_MIX = "aya_instruct_mix"
 MIX_SUFFIX = "_mix"
 
 _TOKENIZE = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
-_TEXT_TO_TARGETS = functools.partial(
-    seqio.preprocessors.rekey, key_map={"targets": "text", "language": "language"}
-)
 # One chain object per objective, shared by all its tasks: `LanguageMixture` requires identical
 # preprocessors, and it is also what makes the per-language tasks the same task on other data.
 _PRETRAINING = {
-    name: ((_TEXT_TO_TARGETS, _TOKENIZE, seqio.CacheDatasetPlaceholder(), objective,
+    name: ((preprocessors.text_to_targets, _TOKENIZE, seqio.CacheDatasetPlaceholder(), objective,
             seqio.preprocessors.append_eos_after_trim), features)
     for name, objective, features in (
         (UDHR_SPAN_CORRUPTION, preprocessors.span_corruption, ("inputs", "targets")),
