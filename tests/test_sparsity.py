@@ -13,11 +13,13 @@ import pytest
 from polyglot_jax import gin_setup
 from polyglot_jax.compression import sparsity as sparsity_lib
 from polyglot_jax.compression.sparsity import Sparsity
+from polyglot_jax.models.config import TransformerConfig
+from polyglot_jax.models.model import EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import checkpoints, loop
+from polyglot_jax.training import checkpoints, loop, step as step_lib, train_state
 from polyglot_jax.training.metrics import read_jsonl
 from polyglot_jax.training.optimizers import Adafactor, AdamW
-from test_training import _run_steps, _SGD  # The train-step harness on a tiny model.
+from test_training import TINY, _batch, _run_steps, _SGD  # The train-step harness, tiny model.
 
 # Tiny params with every kind of leaf: a kernel, a 3-D attention-out kernel, a scanned kernel
 # ('layers' is a BATCH axis: pruned per layer), an embedding and a norm scale.
@@ -188,6 +190,34 @@ def test_sharded_train_step_masks_equal_single_device():
   assert wi_mask.sharding.spec == wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert spec.shardings.opt_state.masks["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"] == (
       wi.sharding)
+
+
+def test_skipped_nonfinite_update_is_invisible_to_the_schedule():
+  """A skipped update keeps the whole optimizer state (step.py), so the schedule counts applied
+  updates like the learning-rate schedule: a non-finite step at the first mask step, then two
+  good ones, ends exactly like the two good ones alone (masks at 0.3, then 0.6)."""
+  model, optimizer = EncoderDecoderModel(TransformerConfig(**TINY)), _SparseSGD()
+  partitioner = Partitioner(MeshConfig(data=1), devices=jax.devices()[:1])
+  shapes = {k: v.shape for k, v in _batch().items()}
+  spec = train_state.state_spec(model, optimizer, partitioner, shapes)
+  step_fn = step_lib.make_train_step(model, spec, partitioner,
+                                     learning_rate_fn=optimizer.learning_rate_fn)
+  initial = jax.device_get(train_state.initialize(model, spec, shapes, seed=0))
+  nan = _batch(7)
+  nan["decoder_loss_weights"][0, 0] = np.inf
+  finals = []
+  with partitioner.activate():
+    for batches in ([_batch(0), _batch(1)], [nan, _batch(0), _batch(1)]):
+      state = jax.device_put(initial, spec.shardings)  # step_fn donates it
+      for batch in batches:
+        state, metrics = step_fn(state, partitioner.shard_batch(batch))
+        if batch is nan:
+          assert float(metrics["nonfinite"]) == 1.0 and int(state.opt_state.count) == 0
+          assert all(np.asarray(m).all() for m in jax.tree.leaves(state.opt_state.masks))
+      finals.append(jax.device_get(state))
+  assert int(finals[1].step) == 3 and int(finals[1].opt_state.count) == 2
+  jax.tree.map(np.testing.assert_array_equal, finals[1].opt_state, finals[0].opt_state)
+  jax.tree.map(np.testing.assert_array_equal, finals[1].params, finals[0].params)
 
 
 @pytest.mark.parametrize("config", [dict(method="global"), dict(n_m=(2, 4), final_sparsity=0.5)],

@@ -24,7 +24,12 @@ One update, producing step t = count + 1:
 Schedule (Zhu & Gupta's cubic): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3, clipped to
 s_i before t0 and s_f after t1 = `end_step` (Zhu & Gupta's t0 + n*dt). Masks are recomputed at
 t0, t0 + dt, ... <= t1 and always at t1 itself, so the exact target is reached at t1 even when
-dt does not divide t1 - t0. Step numbers are those the loop logs (the first update makes step 1).
+dt does not divide t1 - t0. Step numbers count applied updates (the first makes step 1): those
+the loop logs, except after an update the trainer skipped as non-finite. A skipped update keeps
+the whole optimizer state, this count included, so the schedule lags the logged step by the
+skips, exactly like the learning-rate schedule (optax counts inside the optimizer state), and a
+mask step that fell on a skipped update happens at the next applied one: masks are never computed
+from non-finite weights, and none is lost.
 
 Selection: each group prunes exactly k = round(s * size) weights, the k smallest scores; ties at
 the threshold go to the lowest flat index first (deterministic). Groups are
@@ -398,7 +403,8 @@ def sparsity_report(checkpoint_dir: str, step: int | None = None,
   return report
 
 
-_PARAM_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
+# Any tiny input shapes give the parameter layout (it depends on the config alone).
+PARAM_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
 
 
 @gin.configurable(denylist=["step"])
@@ -413,7 +419,7 @@ def prune_checkpoint(*, model: Any = gin.REQUIRED, sparsity: Sparsity = gin.REQU
   optimizer state, so `train` cannot resume from it). Returns its `sparsity_report`.
   """
   partitioner = Partitioner(mesh)
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, _PARAM_SHAPES)
+  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, PARAM_SHAPES)
   manager, step = _reader(checkpoint_dir, step)
   manager.close()
   params = checkpoints.restore_params(os.path.join(checkpoint_dir, "checkpoints"),
