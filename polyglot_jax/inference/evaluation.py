@@ -429,7 +429,7 @@ class InferEval:
     self.evaluator = Evaluator(model, partitioner, params_shardings, dataset_cfg,
                                max_examples=max_examples)
     self.directory = os.path.join(model_dir, "infer_eval", dataset_cfg.mixture_or_task_name)
-    self.writer = MetricsWriter(self.directory, tensorboard)
+    self.writer = MetricsWriter(self.directory, tensorboard, jax.process_index() == 0)
 
   def __call__(self, params: Any, step: int) -> dict[str, float]:
     results = self.evaluator.evaluate(params)

@@ -203,10 +203,11 @@ def train(
         f"state {train_state.tree_bytes(spec.abstract.opt_state) / 2**20:.2f} MiB.", flush=True)
 
   os.makedirs(model_dir, exist_ok=True)
-  writer = MetricsWriter(os.path.join(model_dir, "train"), tensorboard)
+  primary = jax.process_index() == 0
+  writer = MetricsWriter(os.path.join(model_dir, "train"), tensorboard, primary)
   eval_writer = MetricsWriter(os.path.join(model_dir, "training_eval",
                                            eval_dataset_cfg.mixture_or_task_name),
-                              tensorboard) if eval_dataset_cfg else None
+                              tensorboard, primary) if eval_dataset_cfg else None
   # T5X's infer_eval: decode up to eval_steps batches and score them per language.
   infer_eval = evaluation.InferEval(
       model, partitioner, spec.shardings.params, infer_eval_dataset_cfg, model_dir,
@@ -273,7 +274,7 @@ def train(
         if pending is not None:
           finish_step(*pending)
         pending = (step, metrics)
-        if step == start + 1:
+        if step == start + 1 and primary:
           _write_operative_config(model_dir)
         if ckpt.save(step, state, {"batches": step}):
           last_saved = step

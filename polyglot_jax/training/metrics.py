@@ -18,15 +18,23 @@ import tqdm
 
 
 class MetricsWriter:
-  """Writes scalar metrics of one scope to `<dir>/metrics.jsonl` and TensorBoard events."""
+  """Writes scalar metrics of one scope to `<dir>/metrics.jsonl` and TensorBoard events.
 
-  def __init__(self, directory: str, tensorboard: bool = True):
-    os.makedirs(directory, exist_ok=True)
+  Only the primary process (`primary=True`, process 0 on a multi-host job) writes; the metrics
+  are global, so the other hosts' writers do nothing.
+  """
+
+  def __init__(self, directory: str, tensorboard: bool = True, primary: bool = True):
     self.path = os.path.join(directory, "metrics.jsonl")
-    self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._tb = tensorboardX.SummaryWriter(directory) if tensorboard else None
+    self._jsonl = self._tb = None
+    if primary:
+      os.makedirs(directory, exist_ok=True)
+      self._jsonl = open(self.path, "a", encoding="utf-8")
+      self._tb = tensorboardX.SummaryWriter(directory) if tensorboard else None
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if self._jsonl is None:
+      return
     values = {k: float(v) for k, v in metrics.items()}
     record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
@@ -37,7 +45,8 @@ class MetricsWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
