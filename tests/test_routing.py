@@ -21,10 +21,10 @@ from polyglot_jax.models.config import AdapterConfig, MoeConfig, TransformerConf
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel import partitioning
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import checkpoints, optimizers, step as step_lib, train_state
+from polyglot_jax.training import checkpoints, optimizers, train_state
 from polyglot_jax.training.optimizers import Adafactor
 # The same tiny dimensions and padded random batches as the train-step tests.
-from test_training import TINY, _SGD, _batch  # noqa: E402  pylint: disable=wrong-import-position
+from test_training import TINY, _SGD, _batch, _run_steps  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _params(model, seed: int = 0):
@@ -297,31 +297,14 @@ def test_parameter_counts_match_the_paper_on_t5_xl_dims():
 
 # --- training: frozen base, auxiliary losses, sharding, upcycling --------------------------------
 
-def _train(model, mesh: MeshConfig, devices=None, optimizer=None, trainable=None, steps=2,
-           num_microbatches=1):
-  optimizer = optimizer or _SGD()
-  partitioner = Partitioner(mesh, devices=devices)
-  shapes = {k: v.shape for k, v in _batch().items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes, trainable_params=trainable)
-  state = train_state.initialize(model, spec, shapes, seed=0)
-  initial = jax.device_get(state.params)
-  step_fn = step_lib.make_train_step(model, spec, partitioner,
-                                     learning_rate_fn=optimizer.learning_rate_fn,
-                                     num_microbatches=num_microbatches)
-  history = []
-  with partitioner.activate():
-    for i in range(steps):
-      state, metrics = step_fn(state, partitioner.shard_batch(_batch(i)))
-      history.append(jax.device_get(metrics))
-  return initial, state, history, spec
-
-
 def test_gradients_reach_only_trainable_parameters_which_alone_get_optimizer_state():
   model = _adapter_model("mov", num_experts=3)
-  initial, state, _, spec = _train(model, MeshConfig(data=4, fsdp=2, rules="fsdp"),
-                                   optimizer=Adafactor(learning_rate=0.1),
-                                   trainable=adapters.TRAINABLE_REGEX)
+  state, _, spec = _run_steps(MeshConfig(data=4, fsdp=2, rules="fsdp"), model=model,
+                             optimizer=Adafactor(learning_rate=0.1),
+                             trainable_params=adapters.TRAINABLE_REGEX)
   final = jax.device_get(state.params)
+  shapes = {k: v.shape for k, v in _batch().items()}
+  initial = jax.device_get(train_state.initialize(model, spec, shapes, seed=0).params)
   for path, before in jax.tree_util.tree_flatten_with_path(initial)[0]:
     after = _get(final, [k.key for k in path])
     if "_adapter" in jax.tree_util.keystr(path):
@@ -340,7 +323,8 @@ def test_gradients_reach_only_trainable_parameters_which_alone_get_optimizer_sta
 
 def test_unknown_trainable_regex_is_one_clear_error():
   with pytest.raises(ValueError, match="matches no parameter"):
-    _train(_adapter_model("ia3"), MeshConfig(data=8), trainable="nothing/.*", steps=0)
+    _run_steps(MeshConfig(data=8), model=_adapter_model("ia3"), trainable_params="nothing/.*",
+               steps=0)
 
 
 def test_auxiliary_losses_are_added_with_their_gin_weights_and_reported():
@@ -364,8 +348,9 @@ def test_auxiliary_losses_are_added_with_their_gin_weights_and_reported():
 
 def test_moe_expert_sharded_steps_equal_single_device():
   model = EncoderDecoderModel(_moe_config(num_selected=2, capacity_factor=1.0))
-  _, ref_state, ref_metrics, _ = _train(model, MeshConfig(data=1), devices=jax.devices()[:1])
-  _, state, metrics, spec = _train(model, MeshConfig(data=2, expert=4, rules="fsdp"))
+  ref_state, ref_metrics, _ = _run_steps(MeshConfig(data=1), devices=jax.devices()[:1],
+                                         model=model)
+  state, metrics, _ = _run_steps(MeshConfig(data=2, expert=4, rules="fsdp"), model=model)
   for got, want in zip(metrics, ref_metrics):
     for name in ("loss", "grad_norm", "experts/load_balance_loss", "experts/dropped_fraction"):
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)

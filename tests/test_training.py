@@ -53,14 +53,16 @@ def _batch(seed: int = 0, encoder: bool = True) -> dict[str, np.ndarray]:
 
 
 def _run_steps(mesh: MeshConfig, devices=None, num_microbatches: int = 1, steps: int = 2,
-               optimizer=None, model=None):
-  """Initialises a tiny model on `mesh` and runs `steps` train steps; returns (state, metrics)."""
+               optimizer=None, model=None, trainable_params=None):
+  """Initialises a tiny model on `mesh` and runs `steps` train steps; returns (state, metrics,
+  spec)."""
   model = model or EncoderDecoderModel(TransformerConfig(**TINY), z_loss=1e-4)
   encoder = isinstance(model, EncoderDecoderModel)
   optimizer = optimizer or _SGD()
   partitioner = Partitioner(mesh, devices=devices)
   shapes = {k: v.shape for k, v in _batch(encoder=encoder).items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes)
+  spec = train_state.state_spec(model, optimizer, partitioner, shapes,
+                                trainable_params=trainable_params)
   state = train_state.initialize(model, spec, shapes, seed=0)
   step_fn = step_lib.make_train_step(model, spec, partitioner,
                                      learning_rate_fn=optimizer.learning_rate_fn,
