@@ -90,9 +90,14 @@ def parse_locale(locale: str) -> Locale:
   return Locale(code, language.name if language else locale, script)
 
 
-def _import(package: str) -> types.ModuleType:
+def _check_known(package: str) -> None:
   if package not in PACKAGES:
     raise ValueError(f"unknown gettext package {package!r}; expected some of {sorted(PACKAGES)}")
+
+
+def _import(package: str) -> types.ModuleType:
+  """The installed module of a known package (`PACKAGES`), or a one-line install hint."""
+  _check_known(package)
   try:
     return importlib.import_module(package)
   except ImportError:
@@ -163,6 +168,8 @@ def build_corpus(output_dir: str, packages: Sequence[str] = tuple(PACKAGES),
 
   `domains` restricts the catalogs (see `catalogs`), e.g. ["iso3166-1"] for country names.
   """
+  for package in packages:  # A typo is reported whatever else is installed.
+    _check_known(package)
   for package in packages:
     _import(package)  # all missing packages fail before any work
   pairs = [(locale, domain, msgid, msgstr)
