@@ -59,7 +59,6 @@ def test_not_a_catalog_is_one_line(tmp_path):
 
 
 def test_pair_records_both_directions_and_a_shared_held_out_split():
-  pytest.importorskip("pycountry")
   pairs = [("de", "pycountry/iso3166-1", "Germany", "Deutschland"),
            ("pt_BR", "pycountry/iso3166-1", "Germany", "Alemanha"),
            ("de", "pycountry/iso3166-1", "Peru", "Peru"),  # untranslated: left out
@@ -76,7 +75,6 @@ def test_pair_records_both_directions_and_a_shared_held_out_split():
 
 
 def test_pycountry_catalogs_build_a_readable_task(tmp_path):
-  pytest.importorskip("pycountry")
   paths = gettext_corpus.build_corpus(str(tmp_path), ["pycountry"], ["iso3166-1"])
   records = []
   for split, path in paths.items():
