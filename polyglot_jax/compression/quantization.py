@@ -64,25 +64,6 @@ def rules(scheme: str, module_path: str = ".*") -> list[qwix.QuantizationRule]:
       act_qtype=jnp.int8 if scheme == "w8a8" else None)]
 
 
-class _ByName:
-  """The qwix-quantized network, applied like the float one.
-
-  model.py applies `EncoderDecoder.encode`/`decode` as functions of the float class, which would
-  bypass the interception qwix installs on the quantized class's methods; passing the method's
-  name instead reaches the intercepted one.
-  """
-
-  def __init__(self, network: nn.Module) -> None:
-    self.network = network
-
-  def init(self, *args: Any, **kwargs: Any) -> Any:
-    return self.network.init(*args, **kwargs)
-
-  def apply(self, variables: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
-    name = method if method is None or isinstance(method, str) else method.__name__
-    return self.network.apply(variables, *args, method=name, **kwargs)
-
-
 def _quantize_tree(params: Mapping[str, Any], abstract: Mapping[str, Any]) -> dict[str, Any]:
   """`qwix.quantize_params`, one layer at a time under nn.scan's stacked `layers` subtrees.
 
@@ -120,7 +101,7 @@ class QuantizedModel:
     network = model.module
     methods = [m for m in _NETWORK_METHODS if hasattr(type(network), m)]
     self._quantized = copy.copy(model)
-    self._quantized.module = _ByName(qwix.quantize_model(network, self._provider, methods=methods))
+    self._quantized.module = qwix.quantize_model(network, self._provider, methods=methods)
     self.FEATURE_CONVERTER_CLS = model.FEATURE_CONVERTER_CLS  # pylint: disable=invalid-name
 
   @property

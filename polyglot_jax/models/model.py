@@ -224,7 +224,7 @@ class EncoderDecoderModel(BaseTransformerModel):
     encoder_tokens = batch["encoder_input_tokens"]  # [batch, enc_length]
     encoded = self.module.apply({"params": params}, encoder_tokens,
                                 batch.get("encoder_segment_ids"), batch.get("encoder_positions"),
-                                method=EncoderDecoder.encode)  # [batch, enc_length, embed]
+                                method="encode")  # [batch, enc_length, embed]
 
     def decoder_fn(variables: Mapping[str, Any], tokens: Array, decode: bool = False,
                    prefill_lengths: Array | None = None) -> Any:
@@ -234,7 +234,7 @@ class EncoderDecoderModel(BaseTransformerModel):
                                encoder_segment_ids=batch.get("encoder_segment_ids"),
                                decode=decode, prefill_lengths=prefill_lengths,
                                mutable=["cache"] if decode else False,
-                               method=EncoderDecoder.decode)  # [batch, length, vocab]
+                               method="decode")  # [batch, length, vocab]
 
     batch_size, length = batch["decoder_target_tokens"].shape
     if not prompt_with_targets:
