@@ -31,6 +31,7 @@ on CPU (DESIGN.md §6).
 from __future__ import annotations
 
 import time
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,17 @@ def training_flops(config: TransformerConfig, *, encoder_decoder: bool, batch_si
     matmul_flops = 6 * decoder_tokens * (counts["decoder"] + counts["logits"])
     score_pairs = decoder_tokens * config.num_decoder_layers * targets_length
   return float(matmul_flops + 12 * d_attn * score_pairs)
+
+
+def batch_training_flops(config: TransformerConfig,
+                         input_shapes: Mapping[str, tuple[int, ...]]) -> float:
+  """`training_flops` of one step on a global batch given by its feature shapes
+  ({'decoder_target_tokens': (batch, length), 'encoder_input_tokens': ... if encoder-decoder})."""
+  batch_size, targets_length = input_shapes["decoder_target_tokens"]
+  encoder = "encoder_input_tokens" in input_shapes
+  return training_flops(config, encoder_decoder=encoder, batch_size=batch_size,
+                        inputs_length=input_shapes["encoder_input_tokens"][1] if encoder else 0,
+                        targets_length=targets_length)
 
 
 def measure_peak_flops(dtype: jnp.dtype = jnp.float32, size: int = 2048, iters: int = 10) -> float:

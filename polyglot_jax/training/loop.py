@@ -188,12 +188,8 @@ def train(
                                         num_microbatches=num_microbatches, dropout_seed=seed)
   eval_step = step_lib.make_eval_step(model, spec, partitioner)
   batches = iterate_batches(ds, start_batch=int(data_state["batches"]))
-  inputs_len = input_shapes.get("encoder_input_tokens", (0, 0))[1]
   targets_len = input_shapes["decoder_target_tokens"][1]
-  step_flops = flops.training_flops(
-      model.config, encoder_decoder="encoder_input_tokens" in input_shapes,
-      batch_size=train_dataset_cfg.batch_size, inputs_length=inputs_len,
-      targets_length=targets_len)
+  step_flops = flops.batch_training_flops(model.config, input_shapes)
   peak, peak_source = _peak_flops()
   print(f"Model: {n_params:,} parameters; mesh {dict(partitioner.mesh.shape)}; "
         f"{step_flops:.3e} training FLOPs/step; peak {peak:.3e} FLOP/s ({peak_source}).",

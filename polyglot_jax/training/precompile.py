@@ -137,11 +137,7 @@ def compile_train_step(model: Any, train_dataset_cfg: Any, optimizer: Any,
       generated_code_bytes=int(memory.generated_code_size_in_bytes),
       peak_bytes=int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
       xla_flops=_cost_flops(compiled),
-      analytic_flops=flops.training_flops(
-          model.config, encoder_decoder="encoder_input_tokens" in shapes,
-          batch_size=train_dataset_cfg.batch_size,
-          inputs_length=shapes.get("encoder_input_tokens", (0, 0))[1],
-          targets_length=shapes["decoder_target_tokens"][1]),
+      analytic_flops=flops.batch_training_flops(model.config, shapes),
       bytes_limit=stats.get("bytes_limit"))
 
 
