@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+import gin
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow (seqio) loads.
 
 # pylint: disable=wrong-import-position
@@ -57,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    "process 0 (automatic on Cloud TPU; see parallel/distributed.py).")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: process count.")
     p.add_argument("--process_id", type=int, default=None, help="multi-host: this process.")
+    p.add_argument("--startup_timeout", type=int, default=distributed.DEFAULT_STARTUP_TIMEOUT,
+                   help="multi-host: seconds every process waits for the others to start.")
   report = sub.add_parser("sparsity_report", help="Fractions of exactly-zero weights, per tensor.")
   report.add_argument("--model_dir", required=True, help="a run's MODEL_DIR.")
   report.add_argument("--step", type=int, default=None, help="checkpoint step; default latest.")
@@ -139,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     search_paths = [p for p in args.gin_search_paths.split(",") if p]
     if args.command in _GIN_COMMANDS:
-      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                             args.startup_timeout)
     gin_setup.parse(args.gin_file, bindings, search_paths)
+    if args.command in _GIN_COMMANDS:
+      distributed.check_same_setup(gin.config_str(), args.startup_timeout)
     result = scoring.score() if args.command == "data" else _gin_entry(args.command)()
   except (ValueError, OSError, SyntaxError, KeyError, ImportError,
           loop.NonFiniteLossError) as exc:

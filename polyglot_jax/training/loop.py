@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from polyglot_jax.compression.sparsity import Sparsity
@@ -65,14 +66,22 @@ class TrainResult:
 
 
 class _StopSignals:
-  """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+  """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first.
+
+  With several processes, every one must stop after the same step or the others hang in the
+  next collective, yet a signal reaches one host at a time. There JAX's preemption service
+  (installed by `jax.distributed.initialize`) catches SIGTERM, tells every process, and agrees
+  on the step to stop after; SIGINT is forwarded to it as a SIGTERM.
+  """
 
   def __init__(self):
     self.received: str | None = None
+    self._coordinated = jax.process_count() > 1
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> "_StopSignals":
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self._coordinated else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread (e.g. a notebook worker): nothing to install.
@@ -81,6 +90,15 @@ class _StopSignals:
 
   def _handle(self, signum: int, frame: Any) -> None:
     self.received = signal.Signals(signum).name
+    if self._coordinated:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop_after(self, step: int) -> bool:
+    """Whether to stop after `step`; call it once per step, with increasing steps."""
+    if self._coordinated and multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or "SIGTERM"
+      return True
+    return not self._coordinated and self.received is not None
 
   def __exit__(self, *exc: Any) -> None:
     for sig, handler in self._previous.items():
@@ -263,7 +281,7 @@ def train(
     with _StopSignals() as stop, partitioner.activate():
       pending = None
       step = last_saved = start
-      while step < end and stop.received is None:
+      while step < end and not stop.stop_after(step):
         batch = partitioner.shard_batch(next(batches))
         state, metrics = train_step(state, batch)
         step += 1
