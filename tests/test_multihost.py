@@ -166,6 +166,9 @@ def test_tpu_pod_dry_run_prints_the_exact_gcloud_commands():
   assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "polyglot_jax.tar.gz"]
   assert "--worker=all" in scp and "--worker=all" in setup
   assert "'jax[tpu]==0.10.2'" in setup[-1]
+  assert _dry_run("stop") == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "run1",
+                               "--zone=us-central2-b", "--worker=all",
+                               "--command=pkill -TERM -f '[p]olyglot-jax train' || true"]]
   assert _dry_run("delete", "--queued") == [[
       "gcloud", "compute", "tpus", "queued-resources", "delete", "run1", "--zone=us-central2-b",
       "--force", "--quiet"]]

@@ -5,6 +5,7 @@
     python tpu/pod.py launch  --name=run1 --zone=us-central2-b -- \\
         --gin_file=experiments/my_run.gin --gin_file=mesh/v4_128.gin --gin.MODEL_DIR=/mnt/run
     python tpu/pod.py logs    --name=run1 --zone=us-central2-b
+    python tpu/pod.py stop    --name=run1 --zone=us-central2-b   # checkpoint and exit
     python tpu/pod.py delete  --name=run1 --zone=us-central2-b --queued
     python tpu/pod.py supervise --name=run1 --zone=us-central2-b --accelerator=v4-128 --queued \
         --spot -- --gin_file=experiments/my_run.gin --gin_file=mesh/v4_128.gin --gin.MODEL_DIR=...
@@ -36,6 +37,7 @@ EXIT_STATUS = "~/polyglot_jax_train.exit"  # Written by the launched job when tr
 # Node / queued-resource states after which the slice is gone or going and must be recreated.
 LOST_STATES = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "SUSPENDING", "SUSPENDED",
                "FAILED", "DELETING", "NOT_FOUND"}
+RUNNING_PATTERN = "[p]olyglot-jax train"  # Matches train, not the shell that runs pgrep/pkill.
 RESTART_EXIT_CODES = {143}  # train's exit status after SIGTERM: a maintenance event, preemption.
 
 
@@ -85,6 +87,11 @@ def logs(args: argparse.Namespace) -> list[list[str]]:
   return [_on_workers(args, f"tail -n 100 -f {LOG}", worker=args.worker)]
 
 
+def stop(args: argparse.Namespace) -> list[list[str]]:
+  """SIGTERM to train on every worker: it saves a checkpoint after an agreed step and exits."""
+  return [_on_workers(args, f"pkill -TERM -f {shlex.quote(RUNNING_PATTERN)} || true")]
+
+
 def delete(args: argparse.Namespace) -> list[list[str]]:
   if args.queued:
     return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.name,
@@ -104,7 +111,7 @@ def state(args: argparse.Namespace) -> list[str]:
 
 def exit_status(args: argparse.Namespace) -> list[str]:
   """Prints the job's exit status on worker 0, `running` while train runs, else `absent`."""
-  running = "pgrep -f '[p]olyglot-jax train' > /dev/null"  # [p]: not this command's own shell.
+  running = f"pgrep -f {shlex.quote(RUNNING_PATTERN)} > /dev/null"
   return _on_workers(args, f"cat {EXIT_STATUS} 2>/dev/null || ({running} && echo running "
                      "|| echo absent)", worker="0")
 
@@ -189,7 +196,7 @@ def _check(run: Runner, command: list[str]) -> None:
 
 
 COMMANDS = {"create": create, "install": install, "launch": launch, "logs": logs,
-            "delete": delete}
+            "stop": stop, "delete": delete}
 
 
 def _parser() -> argparse.ArgumentParser:
