@@ -149,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in _GIN_COMMANDS:
       distributed.check_same_setup(gin.config_str(), args.startup_timeout)
     result = scoring.score() if args.command == "data" else _gin_entry(args.command)()
-  except (ValueError, OSError, SyntaxError, KeyError, ImportError,
-          loop.NonFiniteLossError) as exc:
-    if os.environ.get("POLYGLOT_JAX_TRACEBACK"):
+  except (ValueError, OSError, SyntaxError, KeyError, ImportError, RuntimeError) as exc:
+    user_error = not isinstance(exc, RuntimeError) or isinstance(exc, loop.NonFiniteLossError) \
+        or gin_setup.is_missing_binding(exc)
+    if os.environ.get("POLYGLOT_JAX_TRACEBACK") or not user_error:
       raise
     print(f"polyglot-jax {args.command}: error: {gin_setup.one_line_error(exc)}", file=sys.stderr)
     return 2

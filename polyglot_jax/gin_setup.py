@@ -92,6 +92,14 @@ def _registered_names() -> list[str]:
   return sorted({selector.split(".")[-1] for selector, _ in registry.items()})
 
 
+_MISSING_BINDINGS = re.compile(r"Required bindings for `(\w+)` not provided in config: (.*)")
+
+
+def is_missing_binding(exc: BaseException) -> bool:
+  """gin's error (a RuntimeError) for a configurable called without a gin.REQUIRED argument."""
+  return bool(_MISSING_BINDINGS.match(str(exc).strip()))
+
+
 def one_line_error(exc: BaseException) -> str:
   """A readable one-line description of a configuration error, with how to fix it."""
   message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -108,7 +116,7 @@ def one_line_error(exc: BaseException) -> str:
     close = difflib.get_close_matches(unknown.group(1).split(".")[-1], _registered_names(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return f"unknown gin configurable {unknown.group(1)!r} in a binding.{hint}"
-  required = re.match(r"Required bindings for `(\w+)` not provided in config: (.*)", message)
+  required = _MISSING_BINDINGS.match(message)
   if required:
     return (f"{required.group(1)} needs gin bindings for {required.group(2)}; set them in a gin "
             "file or with --gin.")

@@ -30,6 +30,9 @@ def _clean_gin():
     (["--gin_file=models/mt5/tiny.gin", "--gin_file=runs/pretrain.gin"],
      "gin macro MIXTURE_OR_TASK_NAME is required but not set; pass --gin.MIXTURE_OR_TASK_NAME="),
     (["--gin_file=experiments/no_such_file.gin"], "gin file experiments/no_such_file.gin not found"),
+    (["--gin_file=models/mt5/tiny.gin"],  # No run file: gin raises a RuntimeError for this.
+     "train needs gin bindings for ['model', 'train_dataset_cfg', 'optimizer', 'model_dir', "
+     "'total_steps']; set them in a gin file or with --gin."),
     ([QUICKSTART, "--gin.MIXTURE_OR_TASK_NAME=udhr_spam_corruption"], "udhr_spam_corruption"),
     ([QUICKSTART, "--gin.MeshConfig.data=3"], "needs 3 devices but 8 are visible"),
     ([QUICKSTART, "--gin.MeshConfig.rules=(('embed', 'fsdpp'),)"], "unknown mesh axis 'fsdpp'"),
