@@ -2,6 +2,7 @@
 exact resume on real bundled data."""
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from polyglot_jax.compression import quantization
 from polyglot_jax.data.pipeline import DatasetConfig
 from polyglot_jax.inference import run
 from polyglot_jax.models.config import TransformerConfig
@@ -230,6 +232,12 @@ def test_eval_and_infer_read_the_trained_checkpoint(uninterrupted):
                          mesh=MeshConfig(data=2, fsdp=4), eval_steps=2)
   for name in ("loss", "accuracy"):
     assert metrics[name] == pytest.approx(result.eval_metrics[name], rel=1e-5)
+  run.evaluate(model=quantization.quantized_model(_loop_model(), "int8_weight_only"),
+               dataset_cfg=EVAL_CFG, model_dir=model_dir, eval_steps=1)
+  task = EVAL_CFG.mixture_or_task_name  # The quantized eval is written beside the float one.
+  with open(os.path.join(model_dir, "eval", f"{task}.json"), encoding="utf-8") as f:
+    assert json.load(f)["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+  assert os.path.exists(os.path.join(model_dir, "eval", f"{task}.int8_weight_only.json"))
   path = run.infer(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir, max_batches=1)
   records = read_jsonl(path)
   assert len(records) == 8

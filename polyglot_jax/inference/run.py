@@ -32,13 +32,20 @@ def _restore(model: Any, dataset_cfg: DatasetConfig, checkpoint_dir: str, step: 
   return ds, spec, params
 
 
+def _output_name(model: Any, dataset_cfg: DatasetConfig) -> str:
+  """<task>, or <task>.<scheme> for a quantized model, so it does not overwrite the float one."""
+  scheme = getattr(model, "scheme", None)  # compression.quantization.QuantizedModel
+  return dataset_cfg.mixture_or_task_name + (f".{scheme}" if scheme else "")
+
+
 @gin.configurable
 def evaluate(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQUIRED,
              model_dir: str = gin.REQUIRED, step: int | None = None,
              mesh: MeshConfig = MeshConfig(), eval_steps: int = 1000) -> dict[str, float]:
   """Metrics of a checkpoint on the first `eval_steps` batches of a dataset (every example,
   the last batch padded), overall, per language and per resource group: the table is printed
-  and written to MODEL_DIR/eval/<task>.json. Returns the overall and group metrics."""
+  and written to MODEL_DIR/eval/<task>.json (<task>.<scheme>.json for a quantized model).
+  Returns the overall and group metrics."""
   partitioner = Partitioner(mesh)
   _, spec, params = _restore(model, dataset_cfg, model_dir, step, partitioner)
   evaluator = evaluation.Evaluator(
@@ -46,7 +53,7 @@ def evaluate(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQU
       max_examples=eval_steps * dataset_cfg.batch_size,
       eval_step=step_lib.make_eval_step(model, spec, partitioner))
   results = evaluator.evaluate(params)
-  evaluation.write_json(os.path.join(model_dir, "eval", f"{dataset_cfg.mixture_or_task_name}.json"),
+  evaluation.write_json(os.path.join(model_dir, "eval", f"{_output_name(model, dataset_cfg)}.json"),
                         results, split=dataset_cfg.split)
   print(results.table(), flush=True)
   print(json.dumps({"task": dataset_cfg.mixture_or_task_name, **results.flat()}), flush=True)
@@ -64,7 +71,7 @@ def infer(*, model: Any = gin.REQUIRED, dataset_cfg: DatasetConfig = gin.REQUIRE
   vocab = seqio.get_mixture_or_task(dataset_cfg.mixture_or_task_name).output_features[
       "targets"].vocabulary
   output_path = output_path or os.path.join(model_dir, "infer",
-                                            f"{dataset_cfg.mixture_or_task_name}.jsonl")
+                                            f"{_output_name(model, dataset_cfg)}.jsonl")
   os.makedirs(os.path.dirname(output_path), exist_ok=True)
   predict = jax.jit(model.predict_batch_with_aux,
                     in_shardings=(spec.shardings.params, partitioner.batch_sharding))
