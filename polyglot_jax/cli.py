@@ -26,6 +26,7 @@ from polyglot_jax.compression import audit, sparsity  # noqa: E402
 from polyglot_jax.data import gettext_corpus, scoring, vocab  # noqa: E402
 from polyglot_jax.inference import run  # noqa: E402
 from polyglot_jax.parallel import distributed  # noqa: E402
+from polyglot_jax.sweep import command as sweep_command  # noqa: E402
 from polyglot_jax.training import loop, precompile  # noqa: E402
 # pylint: enable=wrong-import-position
 
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
   db.add_argument("--domains", default="", help="comma-separated catalog names to keep, e.g. "
                   "iso3166-1,django (default: all)")
   db.add_argument("--seed", type=int, default=0)
+  sweep_help = ("Train a grid of runs over gin bindings (or print their commands), then gather "
+                "results.csv/results.md, a scaling fit and plots (docs/sweeps.md).")
+  sweep_command.add_arguments(sub.add_parser(
+      "sweep", help=sweep_help, description=sweep_help + " Extra flags of the form "
+      "--gin.NAME=value bind gin parameters or macros in every run."))
   vocab = sub.add_parser("vocab", help="Vocabulary tools.")
   vocab_sub = vocab.add_subparsers(dest="vocab_command", required=True)
   vt = vocab_sub.add_parser("train", help="Train a SentencePiece vocabulary on the bundled text.")
@@ -131,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       gettext_corpus.build_corpus(args.output_dir, [p for p in args.packages.split(",") if p],
                                   [d for d in args.domains.split(",") if d], seed=args.seed)
       return 0
+    if args.command == "sweep":
+      return sweep_command.main(args, bindings)
     if args.command == "sparsity_report":
       print(json.dumps(sparsity.sparsity_report(args.model_dir, step=args.step), indent=1))
       return 0
