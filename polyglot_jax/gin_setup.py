@@ -16,8 +16,9 @@ from typing import Sequence
 import gin
 from gin import resource_reader
 
-# The repository's gin/ folder (an editable install keeps it next to the package).
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+# The gin files ship inside the package (as T5X's configs do), so a wheel install has them too;
+# the repository's top-level gin/ is a link to this folder.
+GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin")
 
 
 class _QuietSearchMisses(logging.Filter):

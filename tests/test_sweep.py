@@ -119,7 +119,8 @@ def test_tpu_launch_prints_one_pod_command_per_run_that_pod_py_accepts(capsys):
       "--gin_file=sweeps/tiny_lm.gin --gin_file=sparsity/gmp.gin --gin.TRAIN_STEPS=100 "
       "--gin.PRUNING_RATIO=0.5 --gin.MODEL_DIR=gs://bucket/sw/PRUNING_RATIO=0.5"]
   # The printed command is one tpu/pod.py understands: its dry run starts train with our flags.
-  pod_path = os.path.join(os.path.dirname(gin_setup.GIN_DIR), "tpu", "pod.py")
+  pod_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tpu",
+                          "pod.py")
   module_spec = importlib.util.spec_from_file_location("pod", pod_path)
   pod = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(pod)
