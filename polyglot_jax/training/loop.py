@@ -8,6 +8,7 @@ SIGTERM/SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -113,8 +114,10 @@ def _input_shapes(ds: Any, global_batch: int) -> tuple[dict[str, tuple[int, ...]
   return shapes, types
 
 
+@functools.cache
 def _peak_flops() -> tuple[float, str]:
-  """Datasheet peak on accelerators; on CPU a large f32 matmul measured in this process."""
+  """Datasheet peak on accelerators; on CPU a large f32 matmul measured once in this process
+  (1-2 s of every in-process run otherwise: sweeps, notebooks, tests)."""
   device = jax.devices()[0]
   peak = flops.datasheet_peak_flops(device)
   if peak:
