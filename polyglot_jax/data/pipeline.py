@@ -144,6 +144,17 @@ def get_dataset(
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def batch_shapes(cfg: DatasetConfig, converter_cls: type[seqio.FeatureConverter],
+                 pack: bool | None = None) -> dict[str, tuple[int, int]]:
+  """Each model feature's global [batch, length] from the feature converter; reads no data.
+
+  `pack` overrides `cfg.pack` (scoring never packs).
+  """
+  converter = converter_cls(pack=cfg.pack if pack is None else pack)
+  lengths = converter.get_model_feature_lengths(cfg.task_feature_lengths)
+  return {name: (cfg.batch_size, length) for name, length in lengths.items()}
+
+
 def iterate_batches(ds: tf.data.Dataset, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """NumPy batches of `ds`, skipping the first `start_batch` (resume after `start_batch` steps).
 

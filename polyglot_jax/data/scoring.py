@@ -110,8 +110,7 @@ def score(*, model: Any = gin.REQUIRED, dataset_cfg: pipeline.DatasetConfig = gi
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   partitioner = Partitioner(mesh)
   lengths = dict(dataset_cfg.task_feature_lengths)
-  feature_lengths = model.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(lengths)
-  shapes = {k: (dataset_cfg.batch_size, n) for k, n in feature_lengths.items()}
+  shapes = pipeline.batch_shapes(dataset_cfg, model.FEATURE_CONVERTER_CLS, pack=False)
   spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes)
   params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"),
                                       spec.abstract.params, step=step)

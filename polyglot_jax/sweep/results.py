@@ -33,6 +33,7 @@ import jax
 import tensorflow as tf
 
 from polyglot_jax import gin_setup
+from polyglot_jax.data import pipeline
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.sweep.grid import Run
 from polyglot_jax.sweep.launch import FAILED, FINISHED, RECORD
@@ -95,9 +96,7 @@ def model_stats(model: Any, dataset_cfg: Any, trainable_params: str | None
   The batch shapes are the feature converter's model lengths, as `train` sees them; the
   parameters come from `jax.eval_shape` on one device, whatever mesh the run used.
   """
-  lengths = model.FEATURE_CONVERTER_CLS(pack=dataset_cfg.pack).get_model_feature_lengths(
-      dataset_cfg.task_feature_lengths)
-  shapes = {name: (dataset_cfg.batch_size, length) for name, length in lengths.items()}
+  shapes = pipeline.batch_shapes(dataset_cfg, model.FEATURE_CONVERTER_CLS)
   partitioner = Partitioner(MeshConfig(data=1), devices=jax.devices()[:1])
   spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes,
                                 trainable_params=trainable_params)

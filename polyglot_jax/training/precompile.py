@@ -17,6 +17,7 @@ import gin
 import jax
 import numpy as np
 
+from polyglot_jax.data import pipeline
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import flops, loop, step as step_lib, train_state
 
@@ -95,11 +96,8 @@ def _train_arguments() -> dict[str, Any]:
 
 def _abstract_batch(model: Any, cfg: Any, partitioner: Partitioner) -> dict[str, jax.Array]:
   """The global batch as ShapeDtypeStructs, from the feature converter (no data is read)."""
-  converter = model.FEATURE_CONVERTER_CLS(pack=cfg.pack)
-  lengths = converter.get_model_feature_lengths(cfg.task_feature_lengths)
-  return {name: jax.ShapeDtypeStruct((cfg.batch_size, length), np.int32,
-                                     sharding=partitioner.batch_sharding)
-          for name, length in lengths.items()}
+  return {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=partitioner.batch_sharding)
+          for name, shape in pipeline.batch_shapes(cfg, model.FEATURE_CONVERTER_CLS).items()}
 
 
 def _cost_flops(compiled: Any) -> float | None:
