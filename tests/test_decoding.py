@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from test_models import COHERE, T5, _abstract_params, _model, _params, _restack
 
-from polyglot_jax.inference import decoding
-from polyglot_jax.inference.decoding import EOS_ID
+from polyglot_jax.models import decoding
+from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel
 from polyglot_jax.parallel import partitioning

@@ -22,7 +22,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from polyglot_jax.convert import hf
 from polyglot_jax.data import vocab
-from polyglot_jax.inference.decoding import EOS_ID
+from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.decoder import DecoderOnly
 from polyglot_jax.models.encoder_decoder import EncoderDecoder

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polyglot_jax.inference import decoding
-from polyglot_jax.inference.decoding import EOS_ID
+from polyglot_jax.models import decoding
+from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import seqio
 
-from polyglot_jax.inference import decoding
+from polyglot_jax.models import decoding
 from polyglot_jax.models import losses, routing
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.decoder import DecoderOnly
