@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from polyglot_jax.training import optimizers
+from polyglot_jax.parallel import axes
 from polyglot_jax.training.optimizers import (Adafactor, AdamW, FactoredRulesState, factor_layout,
                                               matrix_mask)
 from polyglot_jax.training.schedules import create_learning_rate_schedule
@@ -66,7 +66,7 @@ def test_factored_false_disables_factoring() -> None:
 
 def test_unknown_axis_error() -> None:
   message = ("logical axis 'foo' has no Adafactor factoring rule; "
-             "add it to polyglot_jax.training.optimizers.FACTOR_RULES")
+             "add it to polyglot_jax.parallel.axes.FACTOR_RULES")
   with pytest.raises(ValueError, match=f"^{message}$"):
     factor_layout(("embed", "foo"), (4, 4))
   tx = Adafactor(learning_rate=0.1).build({"w": ("embed", "foo")})
@@ -77,7 +77,7 @@ def test_unknown_axis_error() -> None:
 def test_every_axis_in_design_has_a_rule() -> None:
   design_axes = ("batch length embed mlp heads kv joined_kv vocab relpos_buckets layers expert "
                  "expert_mlp unmodeled rank kv_heads").split()
-  assert set(design_axes) <= set(optimizers.FACTOR_RULES)
+  assert set(design_axes) <= set(axes.FACTOR_RULES)
 
 
 # Where our rules pick the same dims as optax's heuristic (ROW = second-largest dim,

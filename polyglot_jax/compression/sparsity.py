@@ -73,9 +73,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from polyglot_jax.parallel.axes import batch_dims, is_axes
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner, path_str
 from polyglot_jax.training import checkpoints, train_state
-from polyglot_jax.training.optimizers import FACTOR_RULES, FactorDim, ParamAxes
+from polyglot_jax.training.optimizers import ParamAxes
 
 METHODS = ("layerwise", "global")
 DEFAULT_PRUNABLE = r".*/kernel"
@@ -89,18 +90,9 @@ class SparsityState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_axes(x: Any) -> bool:
-  return type(x) is tuple and all(isinstance(a, str) for a in x)
-
-
-def _batch_dims(axes: tuple[str, ...]) -> tuple[int, ...]:
-  """Dims of BATCH axes ('layers', 'expert'): independent slices, pruned separately."""
-  return tuple(i for i, a in enumerate(axes) if FACTOR_RULES.get(a) is FactorDim.BATCH)
-
-
 def input_dim(axes: tuple[str, ...]) -> int:
   """The kernel dim N:M groups run along: the last input dim (see the module docstring)."""
-  batch = _batch_dims(axes)
+  batch = batch_dims(axes)
   inner = [i for i in range(len(axes)) if i not in batch]
   if axes[-1] == "embed" and len(inner) >= 2:
     return inner[-2]
@@ -250,7 +242,7 @@ class Sparsity:
 
   def _prunable_tree(self, param_axes: ParamAxes) -> Any:
     """Bool per parameter; raises when the regex selects nothing (a typo prunes nothing)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=_is_axes)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=is_axes)
     selected = [self.is_prunable(path_str(path)) for path, _ in flat]
     if not any(selected):
       raise ValueError(f"Sparsity.prunable={self.prunable!r} matches no parameter; paths look "
@@ -278,7 +270,7 @@ class Sparsity:
       return jax.tree.unflatten(treedef, out)
     scores, dims, sizes = [], [], []
     for i in chosen:
-      inner = tuple(d for d in range(leaves[i].ndim) if d not in _batch_dims(axes[i]))
+      inner = tuple(d for d in range(leaves[i].ndim) if d not in batch_dims(axes[i]))
       x = jnp.abs(leaves[i].astype(jnp.float32))  # [*param]
       if self.method == "global":  # RMS over each BATCH slice, kept as size-1 dims
         rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=inner, keepdims=True))

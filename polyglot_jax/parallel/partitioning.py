@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from polyglot_jax.parallel.axes import LOGICAL_AXES, is_axes
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -48,12 +50,6 @@ RULE_PRESETS: dict[str, LogicalRules] = {
     "fsdp": _BATCH_RULES + _FSDP_RULES + _EXPERT_RULES,
     "fsdp_tensor": _BATCH_RULES + _FSDP_RULES + _TENSOR_RULES + _EXPERT_RULES,
 }
-
-# Every logical axis the models use; a rule naming another is a typo.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "joined_kv",
-                "vocab", "relpos_buckets", "layers", "expert", "expert_mlp", "unmodeled", "rank",
-                "expert_group")
-
 
 def resolve_rules(rules: str | Sequence[Sequence[Any]]) -> LogicalRules:
   """Returns a validated rule table from a preset name or explicit (logical, mesh) pairs."""
@@ -161,7 +157,7 @@ class Partitioner:
 
   def shardings(self, axes_tree: Any) -> Any:
     """Maps a tree whose leaves are tuples of logical names to NamedShardings."""
-    return jax.tree.map(self.sharding, axes_tree, is_leaf=_is_axes)
+    return jax.tree.map(self.sharding, axes_tree, is_leaf=is_axes)
 
   def check_divisible(self, abstract_tree: Any, sharding_tree: Any, what: str) -> None:
     """Raises one line naming the first array whose dimension the mesh cannot split evenly."""
@@ -182,11 +178,6 @@ class Partitioner:
     sharding = self.batch_sharding
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for name, value in host_batch.items()}
-
-
-def _is_axes(x: Any) -> bool:
-  """A tuple of logical names (exactly a tuple: optax's empty NamedTuple states are not axes)."""
-  return x is None or (type(x) is tuple and all(isinstance(a, (str, type(None))) for a in x))
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -216,7 +207,7 @@ def derived_state_axes(abstract_state: Any, params_axes: Any, abstract_params: A
   """
   by_path = {}
   for (path, axes), leaf in zip(
-      jax.tree_util.tree_flatten_with_path(params_axes, is_leaf=_is_axes)[0],
+      jax.tree_util.tree_flatten_with_path(params_axes, is_leaf=is_axes)[0],
       jax.tree.leaves(abstract_params)):
     by_path[tuple(path_str([k]) for k in path)] = (axes, tuple(leaf.shape))
   depths = sorted({len(p) for p in by_path}, reverse=True)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from polyglot_jax.parallel.axes import is_axes
 from polyglot_jax.parallel.partitioning import path_str
 from polyglot_jax.training.train_state import TrainState
 
@@ -173,6 +174,6 @@ def _tiled(value: jax.Array, target: jax.ShapeDtypeStruct, axis: int | None) -> 
 
 def expert_axes(param_axes: Any) -> dict[str, int]:
   """Path -> index of the "expert" logical axis, for every parameter that has one."""
-  flat = jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=lambda x: isinstance(x, tuple))
+  flat = jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=is_axes)
   return {path_str(path): axes.index("expert") for path, axes in flat
           if "expert" in axes}

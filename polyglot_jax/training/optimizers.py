@@ -16,7 +16,6 @@ are arrays of shape (1,) * param.ndim.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import re
 from collections.abc import Callable
@@ -27,38 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from polyglot_jax.parallel.axes import FactorDim, LogicalAxes, factor_role, is_axes
 from polyglot_jax.parallel.partitioning import path_str
 
-LogicalAxes = tuple[str, ...]
 ParamAxes = Any  # pytree of LogicalAxes with the params' structure
-
-
-class FactorDim(enum.Enum):
-  """Role of one parameter dim in Adafactor's factored second moment (T5X `FactorDim`)."""
-  ROW = "row"  # v_row keeps it, v_col averages it away
-  COLUMN = "column"  # v_col keeps it, v_row averages it away
-  BATCH = "batch"  # independent slices (scanned layers, experts): never averaged over
-  NONE = "none"  # averaged for RMS statistics, but the parameter is not factored
-
-
-# Logical axis -> role. Every logical axis a parameter can carry must be listed (DESIGN.md §3).
-FACTOR_RULES: dict[str, FactorDim] = {
-    "embed": FactorDim.ROW,
-    **{axis: FactorDim.COLUMN for axis in (
-        "mlp", "heads", "kv_heads", "kv", "joined_kv", "vocab", "expert_mlp")},
-    **{axis: FactorDim.BATCH for axis in ("layers", "expert")},
-    **{axis: FactorDim.NONE for axis in (
-        "relpos_buckets", "unmodeled", "rank", "length", "batch")},
-}
-
-
-def _axis_role(axis: str) -> FactorDim:
-  """Looks `axis` up in FACTOR_RULES with a message that says how to fix a missing rule."""
-  try:
-    return FACTOR_RULES[axis]
-  except KeyError:
-    raise ValueError(f"logical axis {axis!r} has no Adafactor factoring rule; "
-                     "add it to polyglot_jax.training.optimizers.FACTOR_RULES") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +66,7 @@ def factor_layout(logical_axes: LogicalAxes, shape: tuple[int, ...], *, factored
   axes = tuple(logical_axes)
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
-  roles = [_axis_role(axis) for axis in axes]
+  roles = [factor_role(axis) for axis in axes]
   row_dims = tuple(i for i, role in enumerate(roles) if role is FactorDim.ROW)
   col_dims = tuple(i for i, role in enumerate(roles) if role is FactorDim.COLUMN)
   averaging_dims = tuple(i for i, role in enumerate(roles) if role is not FactorDim.BATCH)
@@ -107,10 +78,6 @@ def factor_layout(logical_axes: LogicalAxes, shape: tuple[int, ...], *, factored
   return FactorLayout(row_dims, col_dims, averaging_dims)
 
 
-def _is_axes(x: Any) -> bool:
-  return isinstance(x, (tuple, jax.sharding.PartitionSpec))
-
-
 def _layouts(tree: Any, param_axes: ParamAxes, **kwargs: Any) -> Any:
   """Maps every array of the params-structured `tree` to its FactorLayout.
 
@@ -120,7 +87,7 @@ def _layouts(tree: Any, param_axes: ParamAxes, **kwargs: Any) -> Any:
   def layout(axes: LogicalAxes, x: Any) -> Any:
     return factor_layout(axes, x.shape, **kwargs) if hasattr(x, "shape") else x
 
-  return jax.tree.map(layout, param_axes, tree, is_leaf=_is_axes)
+  return jax.tree.map(layout, param_axes, tree, is_leaf=is_axes)
 
 
 def _reduced_shape(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -313,8 +280,8 @@ def matrix_mask(param_axes: ParamAxes) -> Any:
   Counting non-BATCH axes keeps a scanned norm scale ('layers', 'embed') out of weight decay.
   """
   return jax.tree.map(
-      lambda axes: sum(_axis_role(a) is not FactorDim.BATCH for a in axes) >= 2,
-      param_axes, is_leaf=_is_axes)
+      lambda axes: sum(factor_role(a) is not FactorDim.BATCH for a in axes) >= 2,
+      param_axes, is_leaf=is_axes)
 
 
 @gin.configurable
@@ -347,10 +314,10 @@ def trainable_mask(param_axes: ParamAxes, pattern: str) -> Any:
   """
   regex = re.compile(pattern)
   mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.fullmatch(path_str(path))),
-                                          param_axes, is_leaf=_is_axes)
+                                          param_axes, is_leaf=is_axes)
   if not any(jax.tree.leaves(mask)):
     paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_axes,
-                                                                         is_leaf=_is_axes)]
+                                                                         is_leaf=is_axes)]
     raise ValueError(f"trainable_params={pattern!r} matches no parameter; paths look like "
                      f"{', '.join(paths[:3])}, ...")
   return mask
