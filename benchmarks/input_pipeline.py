@@ -2,7 +2,7 @@
 
 What is measured: `polyglot_jax.data.pipeline.get_dataset` (the trainer's own call: seqio task or
 mixture, objective, feature converter with packing, batching, prefetch) iterated as NumPy batches
-with `iterate_batches`, exactly what `training.loop.train` reads. Nothing else runs in the process.
+with `iterate_batches`, exactly what the train command (`commands/train.py`) reads. Nothing else runs in the process.
 Defaults are the quickstart's (gin/experiments/quickstart.gin): task udhr_span_corruption,
 inputs 128 / targets 32, batch 16, encoder-decoder packing. The first `--warmup` batches (graph
 construction, tracing, shuffle-buffer fill) are timed separately as start-up; then `--batches`

@@ -7,7 +7,7 @@ ids, with the train state donated and sharded by a `Partitioner` exactly as in t
 each ended by `jax.block_until_ready`, and the table reports their median. Input pipelines,
 checkpointing and host-side metric handling are not part of the number.
 
-FLOP convention (`training.flops`, PaLM appendix B, DESIGN.md §6): training FLOPs per token =
+FLOP convention (`training.flops`, PaLM appendix B, docs/design.md): training FLOPs per token =
 6 x matmul parameters the token passes through (logits projection included, embedding gather
 excluded) + 12 x layers x (num_heads x head_dim) x attended length, where a causal decoder counts
 the full T x T score matrix (as PaLM and MaxText do, so causal attention is over-counted by up to
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polyglot_jax.gin_setup import GIN_DIR
+from polyglot_jax.commands.gin_setup import GIN_DIR
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel import partitioning
@@ -180,13 +180,12 @@ def run_config(name: str, args: argparse.Namespace,
 
   host_batch = synthetic_batch(encoder_decoder, args.batch_size, inputs_length,
                                args.targets_length, config.vocab_size)
-  input_shapes = {k: v.shape for k, v in host_batch.items()}
   optimizer = optimizers.Adafactor(learning_rate=args.learning_rate)
 
-  # State and step are built outside the mesh context (as training/loop.py does); only the
+  # State and step are built outside the mesh context (as commands/train.py does); only the
   # model's activation constraints need `activate()`.
-  spec = train_state.state_spec(model, optimizer, partitioner, input_shapes)
-  state = train_state.initialize(model, spec, input_shapes, seed=0)
+  spec = train_state.state_spec(model, optimizer, partitioner)
+  state = train_state.initialize(model, spec, seed=0)
   batch = partitioner.shard_batch(host_batch)
   train_step = step.make_train_step(model, spec, partitioner,
                                     learning_rate_fn=optimizer.learning_rate_fn)

@@ -37,11 +37,11 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from polyglot_jax import gin_setup  # noqa: E402
+from polyglot_jax.commands import gin_setup, train  # noqa: E402
 from polyglot_jax.compression import audit, quantization  # noqa: E402
 from polyglot_jax.data import mixing, tasks  # noqa: E402
 from polyglot_jax.inference import evaluation  # noqa: E402
-from polyglot_jax.training import loop  # noqa: E402
+from polyglot_jax.training.loop import TrainResult  # noqa: E402
 # pylint: enable=wrong-import-position
 
 # Resource level = finetuning data (the pretraining UDHR is parallel: equal text per language).
@@ -63,11 +63,11 @@ def _register_mixture() -> None:
   mixing.register_language_mixture(MIXTURE, task_languages)
 
 
-def _train(files: list[str], bindings: list[str]) -> loop.TrainResult:
+def _train(files: list[str], bindings: list[str]) -> TrainResult:
   gin.clear_config()
   gin_setup.parse(files, bindings)
   try:
-    return loop.train()
+    return train.train()
   finally:
     gin.clear_config()
 

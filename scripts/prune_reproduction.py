@@ -29,9 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from polyglot_jax import gin_setup  # noqa: E402
-from polyglot_jax.data import pruning, scoring  # noqa: E402
-from polyglot_jax.training import loop  # noqa: E402
+from polyglot_jax.commands import gin_setup, score, train  # noqa: E402
+from polyglot_jax.data import pruning  # noqa: E402
 # pylint: enable=wrong-import-position
 
 REFERENCE = "experiments/prune_reference.gin"
@@ -62,8 +61,8 @@ def main() -> None:
 
   reference = [f"MODEL_DIR={os.path.join(args.work_dir, 'reference')!r}", "RANDOM_SEED=1", *common]
   if not os.path.exists(scores_path):
-    _run(REFERENCE, reference, loop.train)
-    _run(REFERENCE, reference + [f"BATCH_SIZE={args.score_batch_size}"], scoring.score)
+    _run(REFERENCE, reference, train.train)
+    _run(REFERENCE, reference + [f"BATCH_SIZE={args.score_batch_size}"], score.score)
   records = pruning.load_scores(scores_path)
   print(f"reference + scores: {time.time() - began:.0f}s", flush=True)
 
@@ -76,7 +75,7 @@ def main() -> None:
     bindings = [f"MODEL_DIR={model_dir!r}", f"KEEP_FRACTION={keep}", f"PRUNE_BAND={band!r}",
                 f"RANDOM_SEED={args.seed}", *common]
     start = time.time()
-    result = _run(PRUNED, bindings, loop.train)
+    result = _run(PRUNED, bindings, train.train)
     kept = len(pruning.select_ids(records, keep, band))
     results.append({"keep": keep, "band": band if keep < 1 else "-", "seed": args.seed,
                     "examples": kept,

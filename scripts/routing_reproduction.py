@@ -25,7 +25,7 @@ import sys
 import gin
 
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.data.pipeline import DatasetConfig
 from polyglot_jax.inference import evaluation
 from polyglot_jax.models.model import EncoderDecoderModel
@@ -95,13 +95,10 @@ def evaluate(method: str, model_dir: str) -> dict[str, float]:
   partitioner = Partitioner(MeshConfig(data=-1))
   cfg = DatasetConfig("aya_instruct_mix", EVAL_LENGTHS, "validation", BATCH, shuffle=True,
                       seed=0, pack=False)
-  shapes = {"encoder_input_tokens": (BATCH, EVAL_LENGTHS["inputs"]),
-            "decoder_input_tokens": (BATCH, EVAL_LENGTHS["targets"])}
   trainable = None if method == "full" else r".*_adapter/.*"
-  spec = train_state.state_spec(model, Adafactor(learning_rate=1e-3), partitioner, shapes,
+  spec = train_state.state_spec(model, Adafactor(learning_rate=1e-3), partitioner,
                                 trainable_params=trainable)
-  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"),
-                                      spec.abstract.params)
+  params, _ = checkpoints.load_params(model, model_dir, partitioner)
   evaluator = evaluation.Evaluator(model, partitioner, spec.shardings.params, cfg,
                                    max_examples=EVAL_EXAMPLES)
   results = evaluator.evaluate(params)

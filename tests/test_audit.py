@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from polyglot_jax.commands import audit as audit_command
 from polyglot_jax.compression import audit
-from polyglot_jax.compression.sparsity import PARAM_SHAPES
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import Partitioner
@@ -116,7 +116,7 @@ def test_audit_end_to_end_on_saved_checkpoints(tmp_path):
                              num_encoder_layers=1, num_decoder_layers=1,
                              relative_attention_num_buckets=8, relative_attention_max_distance=16)
   model = EncoderDecoderModel(config)
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), Partitioner(), PARAM_SHAPES)
+  spec = train_state.state_spec(model, train_state.ParamsOnly(), Partitioner())
   dense, pruned = [], []
   for seed in range(2):
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def test_audit_end_to_end_on_saved_checkpoints(tmp_path):
     _save(dense[-1], params)
     _save(pruned[-1], jax.tree.map(lambda w: w * (np.abs(w) >= np.quantile(np.abs(w), 0.9)),
                                    params))
-  result = audit.audit(model=model, dense_dirs=dense, compressed_dirs=pruned,
+  result = audit_command.audit(model=model, dense_dirs=dense, compressed_dirs=pruned,
                        languages=["rus", "eng"], output_dir=str(tmp_path / "audit"),
                        task_feature_lengths=LENGTHS, num_candidates=3, max_examples=4,
                        groups={"rus": "low", "eng": "high"}, batch_size=8)

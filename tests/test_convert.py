@@ -19,7 +19,8 @@ import safetensors.numpy
 import transformers
 from test_hf_parity import _assert_close, _hf_logits, _our_logits, _random_hf_model
 
-from polyglot_jax import cli, gin_setup
+from polyglot_jax import cli
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.convert import checkpoint, hf
 from polyglot_jax.data import vocab
 from polyglot_jax.models.config import TransformerConfig

@@ -14,6 +14,8 @@ import tensorflow as tf
 from polyglot_jax.data import mixing, preprocessors, tasks, udhr, vocab
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
 
+tasks.register_bundled()  # this module looks bundled tasks up in seqio directly
+
 SMALL_LENGTHS = {
     tasks.UDHR_SPAN_CORRUPTION: {"inputs": 32, "targets": 16},
     tasks.UDHR_LM: {"targets": 32},

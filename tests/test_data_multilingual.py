@@ -15,6 +15,8 @@ import tensorflow as tf
 from polyglot_jax.data import aya, instructions, mixing, quality, tasks, udhr
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
 
+tasks.register_bundled()  # this module looks bundled tasks up in seqio directly
+
 INSTRUCTION_LENGTHS = {"inputs": 512, "targets": 512}
 
 

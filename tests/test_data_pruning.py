@@ -14,12 +14,14 @@ import seqio
 import tensorflow as tf
 
 from polyglot_jax import cli
-from polyglot_jax.data import aya, pruning, scoring
+from polyglot_jax.data import aya, pruning, scoring, tasks
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, train_state
+
+tasks.register_bundled()  # this module looks bundled tasks up in seqio directly
 
 # ppl 1..10 in language "a" (ids 1..10), 100..104 in "b" (ids 11..15), one unscored in "b".
 @pytest.fixture(autouse=True)
@@ -161,9 +163,8 @@ LENGTH = 32
 def tiny_lm():
   model = DecoderOnlyModel(TransformerConfig(**TINY_LM, **LLAMA))
   partitioner = Partitioner(MeshConfig(data=8))
-  shapes = {"decoder_input_tokens": (8, LENGTH), "decoder_target_tokens": (8, LENGTH)}
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes)
-  return model, partitioner, train_state.initialize(model, spec, shapes, seed=0)
+  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner)
+  return model, partitioner, train_state.initialize(model, spec, seed=0)
 
 
 def _manual_nll(score_fn, params, vocab, text: str) -> tuple[float, int]:

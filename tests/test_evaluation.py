@@ -14,13 +14,15 @@ import seqio
 from polyglot_jax.data import mixing, tasks
 from polyglot_jax.data.instructions import dialog_records
 from polyglot_jax.data.pipeline import DatasetConfig
-from polyglot_jax.inference import evaluation, run
+from polyglot_jax.commands import evaluate, train
+from polyglot_jax.inference import evaluation
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig
-from polyglot_jax.training import loop
 from polyglot_jax.training.metrics import read_jsonl
 from polyglot_jax.training.optimizers import AdamW
+
+tasks.register_bundled()  # this module looks bundled tasks up in seqio directly
 
 
 def test_metric_functions():
@@ -111,7 +113,7 @@ def test_infer_eval_in_training_and_evaluate_on_its_checkpoint(tmp_path):
   dialog = DatasetConfig("chatterbot_dialog", {"inputs": 32, "targets": 8}, "validation",
                          batch_size=8, shuffle=True, seed=0, pack=False)
   model_dir = str(tmp_path)
-  loop.train(model=model, train_dataset_cfg=train_cfg, optimizer=AdamW(learning_rate=1e-3),
+  train.train(model=model, train_dataset_cfg=train_cfg, optimizer=AdamW(learning_rate=1e-3),
              model_dir=model_dir, total_steps=2, mesh=MeshConfig(data=2, fsdp=4),
              infer_eval_dataset_cfg=dialog, eval_period=2, eval_steps=1, checkpoint_period=2,
              log_period=1, tensorboard=False)
@@ -121,7 +123,7 @@ def test_infer_eval_in_training_and_evaluate_on_its_checkpoint(tmp_path):
   for name in ("chrf", "bleu", "exact_match", "perplexity", "high/chrf", "low/chrf", "all/chrf"):
     assert name in record, name
 
-  metrics = run.evaluate(model=model, dataset_cfg=dialog, model_dir=model_dir, eval_steps=1)
+  metrics = evaluate.evaluate(model=model, dataset_cfg=dialog, model_dir=model_dir, eval_steps=1)
   # Same parameters, same 8 examples: the same generation metrics, plus the loss metrics.
   for name, value in record.items():
     if name != "step":

@@ -15,10 +15,13 @@ import jax
 import pytest
 import seqio
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.data.pipeline import DatasetConfig
-from polyglot_jax.inference import run
-from polyglot_jax.training import loop
+from polyglot_jax.commands import evaluate, infer
+from polyglot_jax.data import tasks
+from polyglot_jax.training.setup import TrainConfig
+
+tasks.register_bundled()  # this module looks bundled tasks up in seqio directly
 
 GIN_DIR = gin_setup.GIN_DIR
 ALL_FILES = sorted(os.path.relpath(p, GIN_DIR)
@@ -44,7 +47,7 @@ REQUIRED_MACROS = [
     "TRAIN_STEPS=1", "MODEL_DIR='/tmp/unused'", "INITIAL_CHECKPOINT_PATH='/tmp/unused'",
     "PRUNING_RATIO=0.5",
 ]
-ENTRY_POINTS = {"train": loop.train, "evaluate": run.evaluate, "infer": run.infer}
+ENTRY_POINTS = {"train": TrainConfig, "evaluate": evaluate.evaluate, "infer": infer.infer}
 
 
 @gin.configurable("gin_file_test_probe")

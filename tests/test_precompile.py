@@ -3,8 +3,9 @@
 import gin
 import pytest
 
-from polyglot_jax import cli, gin_setup
-from polyglot_jax.training import precompile
+from polyglot_jax import cli
+from polyglot_jax.commands import gin_setup
+from polyglot_jax.commands import precompile
 
 TINY = ["TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
 

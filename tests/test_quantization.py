@@ -20,7 +20,7 @@ import qwix
 from test_decoding import _params_for
 from test_models import T5, _enc_dec_batch, _model
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.compression import quantization
 from polyglot_jax.compression.quantization import QuantizedModel, quantized_model
 from polyglot_jax.models import layers

@@ -1,7 +1,7 @@
 """Expert routing: sparse MoE FFNs, IA3 / LoRA / MoV / MoLoRA adapters, frozen bases, upcycling.
 
-Reference computations are written here in NumPy from the formulas of RESEARCH.md, independent
-of the Flax modules they check.
+Reference computations are written here in NumPy from the papers' formulas (docs/routing.md),
+independent of the Flax modules they check.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.models import adapters, moe, routing
 from polyglot_jax.models.config import AdapterConfig, MoeConfig, TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
@@ -29,7 +29,7 @@ from test_training import TINY, _SGD, _batch, _run_steps  # noqa: E402  pylint: 
 
 def _params(model, seed: int = 0):
   shapes = {k: v.shape for k, v in _batch().items()}
-  return train_state._unbox(  # pylint: disable=protected-access
+  return train_state.unbox(
       model.get_initial_variables(jax.random.key(seed), shapes)["params"])
 
 
@@ -303,8 +303,7 @@ def test_gradients_reach_only_trainable_parameters_which_alone_get_optimizer_sta
                              optimizer=Adafactor(learning_rate=0.1),
                              trainable_params=adapters.TRAINABLE_REGEX)
   final = jax.device_get(state.params)
-  shapes = {k: v.shape for k, v in _batch().items()}
-  initial = jax.device_get(train_state.initialize(model, spec, shapes, seed=0).params)
+  initial = jax.device_get(train_state.initialize(model, spec, seed=0).params)
   for path, before in jax.tree_util.tree_flatten_with_path(initial)[0]:
     after = _get(final, [k.key for k in path])
     if "_adapter" in jax.tree_util.keystr(path):
@@ -366,16 +365,15 @@ def test_upcycled_moe_reproduces_the_dense_model(tmp_path):
   logits equal the dense model's."""
   dense = EncoderDecoderModel(TransformerConfig(**TINY))
   partitioner = Partitioner(MeshConfig(data=2, expert=4, rules="fsdp"))
-  shapes = {k: v.shape for k, v in _batch().items()}
-  dense_spec = train_state.state_spec(dense, _SGD(), partitioner, shapes)
-  dense_state = train_state.initialize(dense, dense_spec, shapes, seed=0)
+  dense_spec = train_state.state_spec(dense, _SGD(), partitioner)
+  dense_state = train_state.initialize(dense, dense_spec, seed=0)
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), period=1, async_save=False)
   ckpt.save(0, dense_state, {"batches": 0}, force=True)
   ckpt.close()
 
   sparse = EncoderDecoderModel(_moe_config(num_selected=2, capacity_factor=2.0))
-  spec = train_state.state_spec(sparse, _SGD(), partitioner, shapes)
-  init = train_state.initialize(sparse, spec, shapes, seed=1)
+  spec = train_state.state_spec(sparse, _SGD(), partitioner)
+  init = train_state.initialize(sparse, spec, seed=1)
   params = checkpoints.restore_params(str(tmp_path / "checkpoints"), spec.abstract.params,
                                       init.params, fallback_to_scratch=True,
                                       tile_axes=checkpoints.expert_axes(spec.param_axes))
@@ -411,7 +409,7 @@ def test_decoder_only_with_moe_and_lora_decodes_with_the_cache():
 
 def _params_decoder(model):
   shapes = {"decoder_input_tokens": (2, 12), "decoder_target_tokens": (2, 12)}
-  return train_state._unbox(  # pylint: disable=protected-access
+  return train_state.unbox(
       model.get_initial_variables(jax.random.key(0), shapes)["params"])
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from polyglot_jax import gin_setup
-from polyglot_jax.compression import sparsity as sparsity_lib
+from polyglot_jax.commands import gin_setup, prune, train
 from polyglot_jax.compression.sparsity import Sparsity
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import checkpoints, loop, step as step_lib, train_state
+from polyglot_jax.training import checkpoints, step as step_lib, train_state
+from polyglot_jax.training.loop import TrainResult
 from polyglot_jax.training.metrics import read_jsonl
 from polyglot_jax.training.optimizers import Adafactor, AdamW
 from test_training import TINY, _batch, _run_steps, _SGD  # The train-step harness, tiny model.
@@ -198,11 +198,10 @@ def test_skipped_nonfinite_update_is_invisible_to_the_schedule():
   good ones, ends exactly like the two good ones alone (masks at 0.3, then 0.6)."""
   model, optimizer = EncoderDecoderModel(TransformerConfig(**TINY)), _SparseSGD()
   partitioner = Partitioner(MeshConfig(data=1), devices=jax.devices()[:1])
-  shapes = {k: v.shape for k, v in _batch().items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes)
+  spec = train_state.state_spec(model, optimizer, partitioner)
   step_fn = step_lib.make_train_step(model, spec, partitioner,
                                      learning_rate_fn=optimizer.learning_rate_fn)
-  initial = jax.device_get(train_state.initialize(model, spec, shapes, seed=0))
+  initial = jax.device_get(train_state.initialize(model, spec, seed=0))
   nan = _batch(7)
   nan["decoder_loss_weights"][0, 0] = np.inf
   finals = []
@@ -232,7 +231,7 @@ def test_sharded_masks_equal_unsharded(config):
 
 # --- The loop through gin: PRUNING_RATIO, metrics, resume, report, one-shot pruning -----------
 
-def _gin_train(model_dir: str, stop_after_step: int | None = None) -> loop.TrainResult:
+def _gin_train(model_dir: str, stop_after_step: int | None = None) -> TrainResult:
   """6 steps of tiny mT5 on UDHR through gin with sparsity/gmp_80.gin; masks at steps 2, 4, 6."""
   bindings = {
       "MIXTURE_OR_TASK_NAME": "'udhr_span_corruption'",
@@ -244,7 +243,7 @@ def _gin_train(model_dir: str, stop_after_step: int | None = None) -> loop.Train
   gin_setup.parse(["models/mt5/tiny.gin", "runs/pretrain.gin", "mesh/fsdp.gin",
                    "sparsity/gmp_80.gin"], [f"{k}={v}" for k, v in bindings.items()])
   try:
-    return loop.train(stop_after_step=stop_after_step)
+    return train.train(stop_after_step=stop_after_step)
   finally:
     gin.clear_config()
 
@@ -259,7 +258,7 @@ def resumed_run(tmp_path_factory):
   """Stops after step 2 (a mask step), then resumes to step 6 (TRAIN_STEPS = PRUNING_END_STEP)."""
   model_dir = str(tmp_path_factory.mktemp("gmp_80"))
   with pytest.MonkeyPatch.context() as patch:  # Skip the CPU peak-FLOP/s benchmark (MFU only).
-    patch.setattr(loop, "_peak_flops", lambda: (1e12, "test"))
+    patch.setattr(train, "peak_flops", lambda: (1e12, "test"))
     first = _gin_train(model_dir, stop_after_step=2)
     return model_dir, first, _gin_train(model_dir)
 
@@ -282,7 +281,7 @@ def test_gin_pruning_ratio_trains_to_the_target_sparsity(resumed_run):
   assert curve[0] == 0.0 and curve[2] == curve[1] and curve[4] == curve[3]
   assert records[-1]["sparsity/encoder/layers_0/mlp/wi_0/kernel"] == pytest.approx(0.8, abs=1e-3)
   assert not any("embedding" in k or "scale" in k for k in records[-1] if k.startswith("sparsity/"))
-  report = sparsity_lib.sparsity_report(model_dir)
+  report = prune.sparsity_report(model_dir)
   assert report["step"] == 6
   assert report["sparsity/global"] == pytest.approx(curve[-1], abs=1e-6)  # zeros == masks
   assert 0 < report["sparsity/all_parameters"] < report["sparsity/global"]
@@ -306,11 +305,11 @@ def test_one_shot_prune_of_a_checkpoint(resumed_run, tmp_path):
   gin_setup.parse(["models/mt5/tiny.gin"],
                   [f"{k}={v}" for k, v in TINY_MT5.items()] + ["prune_checkpoint.model=%MODEL"])
   try:
-    report = sparsity_lib.prune_checkpoint(
+    report = prune.prune_checkpoint(
         sparsity=Sparsity(final_sparsity=0.9, end_step=0, method="global"),
         checkpoint_dir=model_dir, output_dir=str(tmp_path), mesh=MeshConfig(data=2, fsdp=4))
   finally:
     gin.clear_config()
   assert report["step"] == 6
   assert report["sparsity/global"] == pytest.approx(0.9, abs=1e-5)
-  assert sparsity_lib.sparsity_report(str(tmp_path)) == report
+  assert prune.sparsity_report(str(tmp_path)) == report

@@ -18,10 +18,11 @@ import gin
 import numpy as np
 import pytest
 
-from polyglot_jax import cli, gin_setup
+from polyglot_jax import cli
+from polyglot_jax.commands import gin_setup, train
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.sweep import grid, launch, plots, results, scaling
-from polyglot_jax.training import flops, loop
+from polyglot_jax.training import flops
 from polyglot_jax.training.metrics import read_jsonl
 
 
@@ -189,7 +190,7 @@ def sweep(tmp_path_factory):
   runs = grid.build_spec(spec_file).runs(sweep_dir)
   first = runs[0]
   gin_setup.parse(first.gin_files, [*first.bindings, f"MODEL_DIR={first.model_dir}"])
-  loop.train(stop_after_step=5)
+  train.train(stop_after_step=5)
   gin.clear_config()
   command = ["sweep", f"--sweep_dir={sweep_dir}", f"--spec={spec_file}"]
   out = {}

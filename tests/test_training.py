@@ -13,7 +13,7 @@ import pytest
 
 from polyglot_jax.compression import quantization
 from polyglot_jax.data.pipeline import DatasetConfig
-from polyglot_jax.inference import run
+from polyglot_jax.commands import evaluate, infer, train
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
@@ -62,10 +62,9 @@ def _run_steps(mesh: MeshConfig, devices=None, num_microbatches: int = 1, steps:
   encoder = isinstance(model, EncoderDecoderModel)
   optimizer = optimizer or _SGD()
   partitioner = Partitioner(mesh, devices=devices)
-  shapes = {k: v.shape for k, v in _batch(encoder=encoder).items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes,
+  spec = train_state.state_spec(model, optimizer, partitioner,
                                 trainable_params=trainable_params)
-  state = train_state.initialize(model, spec, shapes, seed=0)
+  state = train_state.initialize(model, spec, seed=0)
   step_fn = step_lib.make_train_step(model, spec, partitioner,
                                      learning_rate_fn=optimizer.learning_rate_fn,
                                      num_microbatches=num_microbatches)
@@ -136,9 +135,8 @@ def test_nonfinite_update_is_skipped():
   optimizer = AdamW(learning_rate=1e-2)
   partitioner = Partitioner(MeshConfig(data=8))
   batch = _batch()
-  shapes = {k: v.shape for k, v in batch.items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes)
-  state = train_state.initialize(model, spec, shapes, seed=0)
+  spec = train_state.state_spec(model, optimizer, partitioner)
+  state = train_state.initialize(model, spec, seed=0)
   before = jax.device_get(state.params)
   step_fn = step_lib.make_train_step(model, spec, partitioner,
                                      learning_rate_fn=optimizer.learning_rate_fn)
@@ -170,7 +168,7 @@ def _train(model_dir: str, total_steps: int, mesh: MeshConfig = MeshConfig(data=
                        task_feature_lengths=LOOP_LENGTHS, split="train", batch_size=8,
                        shuffle=True, seed=3, pack=True)
   kwargs.setdefault("eval_dataset_cfg", None)
-  return loop.train(model=_loop_model(), train_dataset_cfg=data,
+  return train.train(model=_loop_model(), train_dataset_cfg=data,
                     optimizer=optimizer or AdamW(learning_rate=3e-3), model_dir=model_dir,
                     total_steps=total_steps, mesh=mesh, checkpoint_period=3, log_period=1,
                     tensorboard=False, **kwargs)
@@ -228,17 +226,17 @@ def test_decoder_only_sharded_equals_single_device():
 
 def test_eval_and_infer_read_the_trained_checkpoint(uninterrupted):
   model_dir, result = uninterrupted
-  metrics = run.evaluate(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir,
+  metrics = evaluate.evaluate(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir,
                          mesh=MeshConfig(data=2, fsdp=4), eval_steps=2)
   for name in ("loss", "accuracy"):
     assert metrics[name] == pytest.approx(result.eval_metrics[name], rel=1e-5)
-  run.evaluate(model=quantization.quantized_model(_loop_model(), "int8_weight_only"),
+  evaluate.evaluate(model=quantization.quantized_model(_loop_model(), "int8_weight_only"),
                dataset_cfg=EVAL_CFG, model_dir=model_dir, eval_steps=1)
   task = EVAL_CFG.mixture_or_task_name  # The quantized eval is written beside the float one.
   with open(os.path.join(model_dir, "eval", f"{task}.json"), encoding="utf-8") as f:
     assert json.load(f)["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
   assert os.path.exists(os.path.join(model_dir, "eval", f"{task}.int8_weight_only.json"))
-  path = run.infer(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir, max_batches=1)
+  path = infer.infer(model=_loop_model(), dataset_cfg=EVAL_CFG, model_dir=model_dir, max_batches=1)
   records = read_jsonl(path)
   assert len(records) == 8
   assert set(records[0]) == {"inputs", "targets", "prediction", "score"}
@@ -261,9 +259,8 @@ def test_nonfinite_policy(policy, tmp_path):
 def test_state_can_be_built_inside_an_active_mesh():
   model = EncoderDecoderModel(TransformerConfig(**TINY))
   partitioner = Partitioner(MeshConfig(data=2, fsdp=2, tensor=2))
-  shapes = {k: v.shape for k, v in _batch().items()}
   with partitioner.activate():
-    spec = train_state.state_spec(model, _SGD(), partitioner, shapes)
-    state = train_state.initialize(model, spec, shapes, seed=0)
+    spec = train_state.state_spec(model, _SGD(), partitioner)
+    state = train_state.initialize(model, spec, seed=0)
   wi = state.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
   assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -21,7 +21,7 @@ a held-out prompt of `<task>.<language>` with `num_candidates` targets, its own 
 one at position i % num_candidates so that no position is favoured; each candidate scores its
 mean log-likelihood per target token (so short distractors are not preferred).
 
-`audit` (gin, `polyglot-jax audit`) restores the checkpoints, scores and writes
+The `polyglot-jax audit` command (commands/audit.py) restores the checkpoints, scores and writes
 `output_dir/audit.json` and `audit.md`; `CandidateScorer` and `report` build other comparisons
 (scripts/compression_repro.py scores each checkpoint once for several audits).
 """
@@ -33,14 +33,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.compression.sparsity import PARAM_SHAPES
 from polyglot_jax.data.pipeline import check_registered
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, train_state
@@ -218,8 +216,7 @@ class CandidateScorer:
     self.model = model
     self.num_candidates = num_candidates
     self.partitioner = Partitioner(mesh)
-    self.spec = train_state.state_spec(model, train_state.ParamsOnly(), self.partitioner,
-                                       PARAM_SHAPES)
+    self.spec = train_state.params_spec(model, self.partitioner)
     total = next(iter(features.values())).shape[0]
     padded = -(-total // batch_size) * batch_size  # empty rows fill the last batch
     self._total = total
@@ -230,8 +227,7 @@ class CandidateScorer:
 
   def restore(self, model_dir: str, step: int | None = None) -> Any:
     """The parameters of MODEL_DIR's checkpoint (latest unless `step`), in the mesh's shardings."""
-    return checkpoints.restore_params(os.path.join(model_dir, "checkpoints"),
-                                      self.spec.abstract.params, step=step)
+    return checkpoints.load_params(self.model, model_dir, self.partitioner, step)[0]
 
   def _scorer(self, model: Any) -> Any:
     """jit of (params, batch) -> [batch] mean target-token log-likelihood under `model`."""
@@ -263,38 +259,3 @@ def write_report(audit_report: Mapping[str, Any], output_dir: str) -> str:
   with open(os.path.join(output_dir, "audit.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   return table
-
-
-@gin.configurable
-def audit(*, model: Any = gin.REQUIRED, dense_dirs: Sequence[str] = gin.REQUIRED,
-          compressed_dirs: Sequence[str] = gin.REQUIRED, languages: Sequence[str] = gin.REQUIRED,
-          output_dir: str = gin.REQUIRED, task: str = "udhr_translation",
-          split: str = "validation",
-          task_feature_lengths: Mapping[str, int] | None = None,
-          num_candidates: int = 4, max_examples: int | None = None,
-          distractors: str = "same_language",
-          groups: Mapping[str, str] | None = None, compressed_model: Any = None,
-          step: int | None = None, batch_size: int = 64,
-          mesh: MeshConfig = MeshConfig()) -> dict[str, Any]:
-  """PIE audit of checkpoints (MODEL_DIRs) on rank classification of `<task>.<language>`.
-
-  `dense_dirs` and `compressed_dirs` are the two populations (e.g. several seeds of dense and
-  of gmp_90 finetuning). `compressed_model` scores the compressed population (default `model`):
-  `@quantized_model()` audits int8 with `compressed_dirs` = `dense_dirs`. Writes
-  `output_dir/audit.json` (the `report`) and `output_dir/audit.md` (its table); returns the report.
-  """
-  if not dense_dirs or not compressed_dirs:
-    raise ValueError("audit needs at least one dense and one compressed checkpoint directory.")
-  task_feature_lengths = task_feature_lengths or DEFAULT_LENGTHS
-  rows, labels, example_languages = rank_classification_examples(
-      task, languages, split, task_feature_lengths, num_candidates, max_examples, distractors)
-  features = candidate_features(rows, model.FEATURE_CONVERTER_CLS(pack=False),
-                                task_feature_lengths)
-  scorer = CandidateScorer(model, features, num_candidates, mesh, batch_size)
-  populations = [
-      np.stack([scorer.scores(scorer.restore(d, step)) for d in dense_dirs]),
-      np.stack([scorer.scores(scorer.restore(d, step), compressed_model) for d in compressed_dirs]),
-  ]  # [models, examples, num_candidates] each
-  result = report(*populations, labels, example_languages, groups)
-  print(write_report(result, output_dir), flush=True)
-  return result

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
-from polyglot_jax.compression.sparsity import PARAM_SHAPES
 from polyglot_jax.models import layers
 from polyglot_jax.training import train_state
 
@@ -87,8 +86,8 @@ class QuantizedModel:
   """A model (models/model.py API) evaluated and decoded with quantized projections.
 
   Methods take the float parameters (as restored from a checkpoint) and quantize them in-graph;
-  `quantize_params` exposes that step. `get_initial_variables` is the float model's, so state
-  specs, shardings and checkpoint restores see the float layout.
+  `quantize_params` exposes that step. `get_initial_variables`, `init_params` and `param_shapes`
+  are the float model's, so state specs, shardings and checkpoint restores see the float layout.
   """
 
   def __init__(self, model: Any, scheme: str, module_path: str = ".*") -> None:
@@ -115,12 +114,11 @@ class QuantizedModel:
   @functools.cached_property
   def _abstract_params(self) -> Any:
     """Quantized parameter layout (qwix's WithAux(QArray) leaves, how each is quantized)."""
-    variables = jax.eval_shape(
-        lambda: self._quantized.get_initial_variables(jax.random.key(0), PARAM_SHAPES))
+    boxed = self._quantized.param_shapes()
     if self._provider.get_unused_rules():
       raise ValueError(f"quantization module_path={self.module_path!r} matches no projection; "
                        "module paths look like 'decoder/layers_0/mlp/wi_0'.")
-    return train_state._unbox(variables["params"])  # pylint: disable=protected-access
+    return train_state.unbox(boxed)
 
   def quantize_params(self, params: Any) -> Any:
     """Float params -> the quantized tree the quantized network applies (jit-able)."""
@@ -129,6 +127,14 @@ class QuantizedModel:
   def get_initial_variables(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The float model's variables: what checkpoints hold and eval restores."""
     return self.model.get_initial_variables(*args, **kwargs)
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """The float model's parameters: what checkpoints hold and eval restores."""
+    return self.model.init_params(rng)
+
+  def param_shapes(self) -> Any:
+    """The float model's parameter layout."""
+    return self.model.param_shapes()
 
   def loss_fn(self, params: Any, batch: Any, dropout_rng: Any,
               loss_normalizer: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -71,11 +70,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from polyglot_jax.parallel.axes import batch_dims, is_axes
-from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner, path_str
-from polyglot_jax.training import checkpoints, train_state
+from polyglot_jax.parallel.partitioning import path_str
 from polyglot_jax.training.optimizers import ParamAxes
 
 METHODS = ("layerwise", "global")
@@ -351,39 +348,13 @@ def prune_params(params: Any, param_axes: ParamAxes, sparsity: Sparsity) -> Any:
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
 
 
-def _reader(checkpoint_dir: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
-  """A read-only manager of MODEL_DIR/checkpoints and the step to read (latest if None)."""
-  directory = os.path.abspath(os.path.join(checkpoint_dir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {directory}; point at a MODEL_DIR written "
-                            "by `polyglot-jax train`.")
-  return manager, step
-
-
-def _read_params(checkpoint_dir: str, step: int | None) -> tuple[int, Any]:
-  """(step, params as host numpy arrays) of a checkpoint, without the model's config."""
-  manager, step = _reader(checkpoint_dir, step)
-  target = {"params": manager.item_metadata(step)["state"].tree["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True)))
-  manager.close()
-  return step, restored["state"]["params"]
-
-
-def sparsity_report(checkpoint_dir: str, step: int | None = None,
-                    prunable: str = DEFAULT_PRUNABLE) -> dict[str, float]:
-  """Fractions of exactly-zero weights in a checkpoint (MODEL_DIR), named like the train metrics.
+def zero_fractions(params: Any, prunable: str = DEFAULT_PRUNABLE) -> dict[str, float]:
+  """Fractions of exactly-zero weights of host `params`, named like the train metrics.
 
   `sparsity/global` counts the parameters matching `prunable`, `sparsity/<path>` each of them,
-  `sparsity/all_parameters` every parameter. Reads the parameters onto the host, so it works on
-  any checkpoint (trained with masks or pruned one-shot) without the model's gin config.
+  `sparsity/all_parameters` every parameter.
   """
-  step, params = _read_params(checkpoint_dir, step)
-  report, zeros, total, all_zeros, all_total = {"step": float(step)}, 0, 0, 0, 0
+  report, zeros, total, all_zeros, all_total = {}, 0, 0, 0, 0
   for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
     name, value_zeros = path_str(path), int(np.count_nonzero(value == 0))
     all_zeros, all_total = all_zeros + value_zeros, all_total + value.size
@@ -393,34 +364,3 @@ def sparsity_report(checkpoint_dir: str, step: int | None = None,
   report["sparsity/global"] = zeros / max(total, 1)
   report["sparsity/all_parameters"] = all_zeros / max(all_total, 1)
   return report
-
-
-# Any tiny input shapes give the parameter layout (it depends on the config alone).
-PARAM_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
-
-
-@gin.configurable(denylist=["step"])
-def prune_checkpoint(*, model: Any = gin.REQUIRED, sparsity: Sparsity = gin.REQUIRED,
-                     checkpoint_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-                     step: int | None = None, mesh: MeshConfig = MeshConfig()) -> dict[str, float]:
-  """One-shot magnitude pruning of a trained checkpoint to `sparsity.final_sparsity`.
-
-  Restores the parameters of MODEL_DIR=`checkpoint_dir` (latest step unless `step`) into `mesh`'s
-  shardings, prunes them with `prune_params` and writes a parameters-only checkpoint at the same
-  step to `output_dir`/checkpoints, which eval, infer and `InitCheckpoint` read (it holds no
-  optimizer state, so `train` cannot resume from it). Returns its `sparsity_report`.
-  """
-  partitioner = Partitioner(mesh)
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, PARAM_SHAPES)
-  manager, step = _reader(checkpoint_dir, step)
-  manager.close()
-  params = checkpoints.restore_params(os.path.join(checkpoint_dir, "checkpoints"),
-                                      spec.abstract.params, step=step)
-  pruned = jax.jit(lambda p: prune_params(p, spec.param_axes, sparsity),
-                   out_shardings=spec.shardings.params)(params)
-  writer = checkpoints.Checkpointer(os.path.join(output_dir, "checkpoints"), period=1, keep=None,
-                                    async_save=False)
-  writer.save(step, train_state.TrainState(step=jnp.asarray(step, jnp.int32), params=pruned,
-                                           opt_state={}), {"batches": step}, force=True)
-  writer.close()
-  return sparsity_report(output_dir, step, sparsity.prunable)

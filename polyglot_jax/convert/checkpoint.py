@@ -30,12 +30,13 @@ import gin
 import jax.numpy as jnp
 import optax
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 from polyglot_jax.convert import hf
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import BaseTransformerModel, DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
 from polyglot_jax.training import checkpoints, train_state
+from polyglot_jax.training.rundir import RunDir
 
 MODEL_GIN = "model.gin"
 HF_CONFIG = "hf_config.json"
@@ -44,8 +45,6 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokeniz
                    "special_tokens_map.json")
 # Parameters split along `embed` over every device: no device holds a whole tensor.
 IMPORT_MESH = MeshConfig(data=1, fsdp=-1, rules="fsdp")
-_INIT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8),
-                "decoder_target_tokens": (1, 8)}  # Parameter shapes do not depend on these.
 _MACROS = {"dtype": "ACTIVATION_DTYPE", "dropout_rate": "DROPOUT_RATE"}
 _MACRO_DEFAULTS = {"ACTIVATION_DTYPE": "bfloat16", "DROPOUT_RATE": 0.0}  # as gin/models/ files
 
@@ -53,10 +52,6 @@ _MACRO_DEFAULTS = {"ACTIVATION_DTYPE": "bfloat16", "DROPOUT_RATE": 0.0}  # as gi
 def model_for(config: TransformerConfig) -> BaseTransformerModel:
   """The model family of `config`: encoder-decoder when it has encoder layers."""
   return EncoderDecoderModel(config) if config.num_encoder_layers else DecoderOnlyModel(config)
-
-
-def _params_spec(model: BaseTransformerModel, partitioner: Partitioner) -> train_state.StateSpec:
-  return train_state.state_spec(model, train_state.ParamsOnly(), partitioner, _INIT_SHAPES)
 
 
 def gin_model(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> BaseTransformerModel:
@@ -98,12 +93,12 @@ def import_hf(hf_dir: str, model_dir: str, **overrides: Any) -> str:
   `overrides` are TransformerConfig fields (scan_layers, param_dtype, ...). Returns a summary.
   """
   config = hf.read_hf_config(hf_dir, **overrides)
-  directory = os.path.join(model_dir, "checkpoints")
+  directory = RunDir(model_dir).checkpoints
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} already holds checkpoints; convert into a new "
                           "--model_dir.")
   partitioner = Partitioner(IMPORT_MESH)
-  spec = _params_spec(model_for(config), partitioner)
+  spec = train_state.params_spec(model_for(config), partitioner)
   params = hf.load_hf_params_sharded(hf_dir, config, spec.shardings.params)
   os.makedirs(model_dir, exist_ok=True)
   if any(n in ("spiece.model", "tokenizer.model") for n in os.listdir(hf_dir)):
@@ -144,9 +139,7 @@ def export_hf(model_dir: str, hf_dir: str, gin_files: Sequence[str] = (),
   MODEL_DIR has one.
   """
   model = gin_model(model_gin_files(model_dir, gin_files), gin_bindings)
-  spec = _params_spec(model, Partitioner(IMPORT_MESH))
-  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"),
-                                      spec.abstract.params, step=step)
+  params, _ = checkpoints.load_params(model, model_dir, Partitioner(IMPORT_MESH), step)
   imported: dict[str, Any] = {}
   if os.path.exists(os.path.join(model_dir, HF_CONFIG)):
     with open(os.path.join(model_dir, HF_CONFIG), encoding="utf-8") as f:

@@ -7,12 +7,12 @@
   aya            reading a user's Aya-format files (JSONL(.gz), Parquet, TFRecord, TFDS dirs)
   quality        bad input: dropped and counted (`data/dropped_*`), or strict errors
   mixing         mT5 temperature and UniMax language rates, LanguageMixture, rate tables
-  tasks          seqio Tasks and Mixtures over the bundled data (registered on import),
+  tasks          seqio Tasks and Mixtures over the bundled data (`register_bundled`, once),
                  per language (`udhr_lm.swh`), and `register_aya_task` for user files
-  pipeline       DatasetConfig, get_dataset, iterate_batches, dropped_metrics: the trainer's API
+  pipeline       DatasetConfig, get_dataset, iterate_batches, batch_shapes: the trainer's API
                  (each host reads only its data shards)
   pruning        perplexity-based data pruning: example ids, score files, band selection
-  scoring        `polyglot-jax data score`: per-example perplexity under a checkpoint
+  scoring        per-example perplexity of a task's raw examples (`polyglot-jax data score`)
   gettext_corpus `polyglot-jax data build`: a parallel corpus from installed gettext catalogs
 
 Submodules are imported explicitly (TensorFlow loads with them), e.g.

@@ -14,8 +14,7 @@ A finite pass (`num_epochs`, evaluation) reads every shard on every host and kee
 rows, so that all hosts see the same number of batches (it ends when the first shard runs out).
 
 `DatasetConfig.pruning` trains on a perplexity-pruned version of the task (`pruning`).
-`dropped_metrics()` returns the `data/dropped_*` counts of bad input examples (see `quality`) for
-the trainer to log next to its own metrics.
+Bad input examples are dropped and counted by `quality` (the trainer logs `data/dropped_*`).
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-# Imported to register: the bundled tasks and mixtures, and gin's `score` (`data score`).
-from polyglot_jax.data import scoring, tasks  # noqa: F401
+from polyglot_jax.data import tasks
 from polyglot_jax.data.pruning import Pruning, register_pruned
-from polyglot_jax.data.quality import dropped_metrics  # noqa: F401  (the trainer logs these)
 
 
 @gin.configurable
@@ -62,6 +59,7 @@ def check_registered(name: str) -> None:
   Per-language tasks (`<task>.<code>`, thousands of them) and pruned ones (`<name>#ppl_...`)
   are summarised, not listed.
   """
+  tasks.register_bundled()
   names = {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}
   if name in names:
     return

@@ -5,30 +5,71 @@ records without a required field, lines that are not JSON, or examples longer th
 lengths. By default each such example is dropped, counted per reason, and the first one of each
 (source, reason) is logged with its location; `strict=True` raises `BadInputError` instead.
 
-Counts are per process and cumulative: the pipeline counts an example every time it reads it
-(once per epoch, and again when `iterate_batches` replays the stream on resume). The trainer adds
-`dropped_metrics()` to its logged metrics.
+Counts belong to a `DropCounter`: a run makes its own and reads its data inside
+`counting(counter)`, so an in-process sweep or notebook never reports an earlier run's drops as
+its own; drops outside any run go to a process-wide counter. The pipeline counts an example every
+time it reads it (once per epoch, and again when a resume replays the stream). The trainer adds
+the counter's `metrics()` to its logged metrics.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import seqio
 import tensorflow as tf
 
 REASONS = ("empty", "invalid_utf8", "missing_field", "malformed", "overlength")
 
-_lock = threading.Lock()
-_counts: collections.Counter[str] = collections.Counter()
-_logged: set[tuple[str, str]] = set()
-
 
 class BadInputError(ValueError):
   """An input example that strict mode refuses (one line: source, reason, location)."""
+
+
+class DropCounter:
+  """Dropped examples by reason; the first of each (source, reason) is logged with its location."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._counts: collections.Counter[str] = collections.Counter()
+    self._logged: set[tuple[str, str]] = set()
+
+  def count(self, reason: str, source: str, message: str) -> None:
+    with self._lock:
+      self._counts[reason] += 1
+      first = (source, reason) not in self._logged
+      self._logged.add((source, reason))
+    if first:
+      logging.warning("%s; dropped (further ones are counted in data/dropped_%s)", message, reason)
+
+  def metrics(self) -> dict[str, int]:
+    """{"data/dropped_<reason>": count} for every reason, zeros included, for the metrics log."""
+    with self._lock:
+      return {f"data/dropped_{reason}": self._counts[reason] for reason in REASONS}
+
+  def reset(self) -> None:
+    """Zeroes the counts and forgets which drops were logged."""
+    with self._lock:
+      self._counts.clear()
+      self._logged.clear()
+
+
+_active = DropCounter()  # where drops go now: a run's counter inside `counting`, else this one
+
+
+@contextlib.contextmanager
+def counting(counter: DropCounter) -> Iterator[DropCounter]:
+  """Counts the drops of the data read inside the block (by any thread) into `counter`."""
+  global _active
+  previous, _active = _active, counter
+  try:
+    yield counter
+  finally:
+    _active = previous
 
 
 def drop(reason: str, source: str, where: str, strict: bool) -> None:
@@ -38,25 +79,17 @@ def drop(reason: str, source: str, where: str, strict: bool) -> None:
   message = f"{source}: {reason} example at {where}"
   if strict:
     raise BadInputError(f"{message} (strict mode; strict=False drops and counts such examples)")
-  with _lock:
-    _counts[reason] += 1
-    first = (source, reason) not in _logged
-    _logged.add((source, reason))
-  if first:
-    logging.warning("%s; dropped (further ones are counted in data/dropped_%s)", message, reason)
+  _active.count(reason, source, message)
 
 
 def dropped_metrics() -> dict[str, int]:
-  """{"data/dropped_<reason>": count} for every reason, zeros included, for the metrics log."""
-  with _lock:
-    return {f"data/dropped_{reason}": _counts[reason] for reason in REASONS}
+  """The current counter's `metrics()` (a run's inside `counting`, else the process's)."""
+  return _active.metrics()
 
 
 def reset_dropped() -> None:
-  """Zeroes the counts and forgets which drops were logged (tests, or a new run in-process)."""
-  with _lock:
-    _counts.clear()
-    _logged.clear()
+  """Resets the current counter (tests)."""
+  _active.reset()
 
 
 def clean_text(value: object, field: str, source: str, where: str, strict: bool) -> str | None:

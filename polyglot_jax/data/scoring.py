@@ -1,32 +1,27 @@
-"""`polyglot-jax data score`: the perplexity of every raw example of a task under a checkpoint.
+"""The perplexity of every raw example of a task under a model (`polyglot-jax data score`).
 
 Each raw example of the split is tagged with its `pruning.example_ids` fingerprint, run through
 the task's own preprocessors (unshuffled, fixed seed: span corruption or a prefix-LM cut are
 the same on every run) and the model's feature converter (unpacked), and scored with the
 model's `score_batch`. An example cut into several pieces sums the pieces:
 ppl = exp(sum of token NLLs / number of scored tokens). The JSONL written (see `pruning`) is what
-`Pruning.scores_path` reads. Scoring runs in one process over all its devices; gin contract:
-gin/runs/score.gin.
+`Pruning.scores_path` reads. Scoring runs in one process over all its devices; the command is
+commands/score.py (gin contract: gin/runs/score.gin).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import gin
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import pipeline  # the module: pipeline imports this one to register `score`
-from polyglot_jax.data.aya import write_jsonl
 from polyglot_jax.data.pruning import example_ids
-from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import checkpoints, train_state
+from polyglot_jax.parallel.partitioning import Partitioner
 
 ID = "example_id"  # the fingerprint, carried through preprocessing as a [1] int64 feature
 
@@ -90,36 +85,3 @@ def score_task(
           totals[i][1] += int(n)
   return [{"id": i, "language": languages[i], "tokens": n, "nll": nll,
            "ppl": math.exp(nll / n) if n else None} for i, (nll, n) in totals.items()]
-
-
-@gin.configurable
-def score(*, model: Any = gin.REQUIRED, dataset_cfg: pipeline.DatasetConfig = gin.REQUIRED,
-          model_dir: str = gin.REQUIRED, output_path: str | None = None,
-          step: int | None = None, mesh: MeshConfig = MeshConfig()) -> str:
-  """Writes the score file of `dataset_cfg`'s task (every task of a mixture) and split.
-
-  Only the name, feature lengths, split and batch size of `dataset_cfg` are used: scoring never
-  shuffles or packs. Returns the path written (JSONL, gzipped if it ends in .gz); by default
-  `model_dir/scores/<task>.<split>.jsonl.gz`.
-  """
-  name = dataset_cfg.mixture_or_task_name
-  output_path = output_path or os.path.join(model_dir, "scores",
-                                            f"{name}.{dataset_cfg.split}.jsonl.gz")
-  pipeline.check_registered(name)
-  provider = seqio.get_mixture_or_task(name)
-  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  partitioner = Partitioner(mesh)
-  lengths = dict(dataset_cfg.task_feature_lengths)
-  shapes = pipeline.batch_shapes(dataset_cfg, model.FEATURE_CONVERTER_CLS, pack=False)
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes)
-  params = checkpoints.restore_params(os.path.join(model_dir, "checkpoints"),
-                                      spec.abstract.params, step=step)
-  records = [r for task in tasks for r in score_task(
-      model, params, partitioner, task, dataset_cfg.split, lengths, dataset_cfg.batch_size)]
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  write_jsonl(records, output_path)
-  scored = [r["ppl"] for r in records if r["ppl"] is not None]
-  print(f"Wrote perplexities of {len(scored)} of {len(records)} {name} {dataset_cfg.split} "
-        f"examples to {output_path} (median {np.median(scored) if scored else float('nan'):.2f})",
-        flush=True)
-  return output_path

@@ -1,4 +1,4 @@
-"""seqio Tasks and Mixtures over the bundled data; importing this module registers them.
+"""seqio Tasks and Mixtures over the bundled data, registered by `register_bundled()`.
 
 Pretraining on the UDHR (text -> "targets", then an objective; splits from `udhr.SPLIT_ARTICLES`):
   udhr_span_corruption  encoder-decoder pretraining (T5 span corruption): inputs, targets
@@ -195,5 +195,12 @@ def register_aya_task(
                    vocabulary or get_vocabulary())
 
 
-register_udhr_tasks()
-register_instruction_tasks()
+@functools.cache
+def register_bundled() -> None:
+  """Registers the bundled tasks and mixtures, once per process.
+
+  Every lookup of a task by name (`pipeline.check_registered`) calls it first, so commands that
+  read no data never pay for it (thousands of per-language tasks and the vocabulary).
+  """
+  register_udhr_tasks()
+  register_instruction_tasks()

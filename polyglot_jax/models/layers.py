@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the encoder-decoder and decoder-only stacks.
 
 Every parameter is created through `nn.with_logical_partitioning` with the logical axis names of
-DESIGN.md §3, and key activations carry `nn.with_logical_constraint`; both are no-ops unless the
+docs/design.md, and key activations carry `nn.with_logical_constraint`; both are no-ops unless the
 partitioner activates a mesh and logical-axis rules. Parameters are stored in
 `config.param_dtype` and cast to `config.dtype` at use; softmax and norm statistics run in f32.
 """

@@ -26,6 +26,9 @@ from polyglot_jax.models.encoder_decoder import EncoderDecoder
 Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
+# Input shapes that build the parameters (`init_params`): they do not depend on the batch.
+_PARAM_INIT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8),
+                      "decoder_target_tokens": (1, 8)}
 
 # Applies the decoder with a batch's context (encoder output, PrefixLM mask) bound:
 # (variables, [batch, length] tokens, decode=, prefill_lengths=) -> logits, plus the mutated
@@ -111,6 +114,18 @@ class BaseTransformerModel(abc.ABC):
     inputs = {name: jnp.ones(input_shapes[name], input_types.get(name, jnp.int32))
               for name in self._features if name in input_shapes}
     return self.module.init({"params": rng}, **inputs, enable_dropout=False)
+
+  def init_params(self, rng: Array) -> Any:
+    """Fresh parameters in their logical-axis boxes (`nn.LogicallyPartitioned`).
+
+    Parameter shapes and values depend on the config and `rng` alone, so a small dummy batch
+    builds them.
+    """
+    return self.get_initial_variables(rng, _PARAM_INIT_SHAPES)["params"]
+
+  def param_shapes(self) -> Any:
+    """`init_params` as ShapeDtypeStructs (no allocation)."""
+    return jax.eval_shape(self.init_params, jax.random.key(0))
 
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None,
               loss_normalizer: Array | None = None, global_num_tokens: Array | None = None

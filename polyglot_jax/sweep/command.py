@@ -21,6 +21,7 @@ import io
 import os
 from typing import Any, Sequence
 
+from polyglot_jax.commands import runner
 from polyglot_jax.sweep import grid, launch, results as results_lib, scaling
 from polyglot_jax.sweep.grid import SweepSpec
 
@@ -228,7 +229,7 @@ def main(args: argparse.Namespace, bindings: Sequence[str]) -> int:
   outcomes = [] if args.gather_only else launch.run_locally(runs, args.in_process)
   out = report(spec, args.sweep_dir, args.size_axis, args.metric)
   _print_report(out, args.sweep_dir)
-  interrupted = [o for o in outcomes if o.status == launch.INTERRUPTED]
+  interrupted = [o for o in outcomes if o.status == runner.INTERRUPTED]
   if interrupted:
-    return launch.INTERRUPT_EXIT_CODES[interrupted[0].stopped_by]
-  return 1 if any(o.status == launch.FAILED for o in outcomes) else 0
+    return runner.INTERRUPT_EXIT_CODES[interrupted[0].stopped_by]
+  return 1 if any(o.status == runner.FAILED for o in outcomes) else 0

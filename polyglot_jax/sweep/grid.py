@@ -28,7 +28,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-from polyglot_jax import gin_setup
+from polyglot_jax.commands import gin_setup
 
 _SPEC_KEYS = ("gin_files", "bindings", "gin_search_paths", "axes")
 

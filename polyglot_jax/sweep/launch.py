@@ -32,14 +32,14 @@ from typing import Any, Sequence, TextIO
 import gin
 import jax
 
+from polyglot_jax.commands import GIN_COMMANDS, runner
+from polyglot_jax.commands.runner import FAILED, FINISHED, INTERRUPTED
 from polyglot_jax.sweep.grid import Run
 
 RECORD = "sweep_run.json"
 LOG = "train.log"
-FINISHED, FAILED, INTERRUPTED, RUNNING = "finished", "failed", "interrupted", "running"
-# The exit codes of `polyglot-jax train` after it saved a checkpoint on these signals.
-INTERRUPT_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
-_ERROR_PREFIX = "polyglot-jax train: error: "
+OUTCOME = "train_outcome.json"  # the subprocess's runner.Outcome
+RUNNING = "running"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,27 +93,26 @@ def _write_record(run: Run, status: str, exit_code: int | None = None, seconds: 
     json.dump(record, f, indent=1)
 
 
-def _error_from_log(log_path: str, exit_code: int) -> str:
-  """The train command's one-line error, else the last line it printed, else the signal."""
+def _error(outcome: runner.Outcome | None, log_path: str, exit_code: int) -> str:
+  """The run's one-line error (its runner outcome), else the last line it printed."""
   if exit_code < 0:
     return f"killed by {signal.Signals(-exit_code).name}"
+  if outcome is not None and outcome.error:
+    return outcome.error
   with open(log_path, encoding="utf-8", errors="replace") as f:
     lines = [line.strip() for line in f if line.strip()]
-  errors = [line[len(_ERROR_PREFIX):] for line in lines if line.startswith(_ERROR_PREFIX)]
-  if errors:
-    return errors[-1]
   return lines[-1] if lines else f"exit code {exit_code}"
 
 
 def _stopped_by(code: int) -> str | None:
   """The signal behind train's exit code 130/143, else None."""
-  return next((name for name, value in INTERRUPT_EXIT_CODES.items() if value == code), None)
+  return next((name for name, value in runner.INTERRUPT_EXIT_CODES.items() if value == code),
+              None)
 
 
-def _train_subprocess(run: Run, log: TextIO) -> tuple[int, str | None]:
-  """`python -m polyglot_jax.cli train ...`: (exit code, the signal that stopped it or None).
-
-  SIGINT/SIGTERM sent to the sweep are passed on to train, which checkpoints and exits.
+def _train_subprocess(run: Run, log: TextIO) -> tuple[int, str | None, runner.Outcome | None]:
+  """`python -m polyglot_jax.cli train ...`: (exit code, the signal that stopped it or None, its
+  outcome). SIGINT/SIGTERM sent to the sweep are passed on to train, which checkpoints and exits.
   """
   received: list[str] = []
   procs: list[subprocess.Popen] = []
@@ -124,6 +123,9 @@ def _train_subprocess(run: Run, log: TextIO) -> tuple[int, str | None]:
     for proc in procs:
       proc.send_signal(signum)
 
+  outcome_path = os.path.join(run.model_dir, OUTCOME)
+  if os.path.exists(outcome_path):
+    os.remove(outcome_path)
   previous = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
     with contextlib.suppress(ValueError):  # Not the main thread: nothing to install.
@@ -131,33 +133,35 @@ def _train_subprocess(run: Run, log: TextIO) -> tuple[int, str | None]:
   try:
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "polyglot_jax.cli", "train", *run.train_args()],
-        stdout=log, stderr=subprocess.STDOUT))
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, runner.OUTCOME_ENV: outcome_path}))
     if received:  # A signal came before the process existed.
       procs[0].send_signal(signal.Signals[received[0]])
     code = procs[0].wait()
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-  return code, received[0] if received else _stopped_by(code)
+  return code, received[0] if received else _stopped_by(code), runner.read_outcome(outcome_path)
 
 
-def _train_in_process(run: Run, log: TextIO) -> tuple[int, str | None]:
-  """The CLI's train entry in this process, with fresh gin state and output to `log`."""
-  from polyglot_jax import cli  # pylint: disable=import-outside-toplevel  (cli imports us)
-  gin.clear_config()
+def _train_in_process(run: Run, log: TextIO) -> tuple[int, str | None, runner.Outcome | None]:
+  """The train command in this process through the runner, with output to `log`."""
+  train = GIN_COMMANDS["train"]
   try:
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
       try:
-        code = cli.main(["train", *run.train_args()])
+        outcome = runner.run_gin_command(
+            lambda: train.entry()(), run.gin_files,
+            [*run.bindings, f"MODEL_DIR={run.model_dir}"], run.search_paths)
       except KeyboardInterrupt:  # Ctrl-C before train's own handler was installed.
-        return 130, "SIGINT"
+        return 130, "SIGINT", None
       except Exception:  # pylint: disable=broad-except  A crash fails this run, not the sweep.
         traceback.print_exc()
-        return 1, None
+        return 1, None, None
   finally:
     gin.clear_config()
     jax.clear_caches()
-  return code, _stopped_by(code)
+  return outcome.exit_code, outcome.stopped_by, outcome
 
 
 def run_locally(runs: Sequence[Run], in_process: bool = False) -> list[Outcome]:
@@ -177,7 +181,8 @@ def run_locally(runs: Sequence[Run], in_process: bool = False) -> list[Outcome]:
     start = time.time()
     with open(log_path, "a", encoding="utf-8") as log:
       print(f"$ {command_line(run)}", file=log, flush=True)
-      code, stopped_by = (_train_in_process if in_process else _train_subprocess)(run, log)
+      code, stopped_by, train_outcome = (_train_in_process if in_process else _train_subprocess)(
+          run, log)
     seconds = time.time() - start
     if stopped_by:
       outcome = Outcome(run.name, INTERRUPTED, code, seconds, f"stopped by {stopped_by}; rerun "
@@ -185,7 +190,7 @@ def run_locally(runs: Sequence[Run], in_process: bool = False) -> list[Outcome]:
     elif code == 0:
       outcome = Outcome(run.name, FINISHED, code, seconds)
     else:
-      outcome = Outcome(run.name, FAILED, code, seconds, _error_from_log(log_path, code))
+      outcome = Outcome(run.name, FAILED, code, seconds, _error(train_outcome, log_path, code))
     _write_record(run, outcome.status, code, seconds, outcome.error)
     print(f"{prefix} {outcome.status} in {seconds:.1f} s"
           + (f": {outcome.error}" if outcome.error else ""), flush=True)

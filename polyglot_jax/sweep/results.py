@@ -32,12 +32,14 @@ import gin
 import jax
 import tensorflow as tf
 
-from polyglot_jax import gin_setup
-from polyglot_jax.data import pipeline
-from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
+from polyglot_jax.commands import gin_setup
+from polyglot_jax.commands.runner import FAILED, FINISHED
+from polyglot_jax.parallel.partitioning import MeshConfig
 from polyglot_jax.sweep.grid import Run
-from polyglot_jax.sweep.launch import FAILED, FINISHED, RECORD
-from polyglot_jax.training import flops, train_state
+from polyglot_jax.sweep.launch import RECORD
+from polyglot_jax.training import train_state
+from polyglot_jax.training.rundir import METRICS_FILE, RunDir
+from polyglot_jax.training.setup import TrainConfig, TrainSetup
 
 INCOMPLETE, NOT_STARTED = "incomplete", "not started"
 GROUPS = ("all", "high", "low")
@@ -78,30 +80,27 @@ def write_text(path: str, text: str | bytes) -> None:
     f.write(text)
 
 
-def _train_bindings(config_text: str) -> dict[str, Any]:
-  """`train`'s arguments from an operative config.gin (clears gin's config before and after)."""
+def train_config(config_text: str) -> TrainConfig:
+  """The `TrainConfig` of an operative config.gin (clears gin's config before and after)."""
   gin_setup.register_configurables()
   gin.clear_config()
   try:
     gin.parse_config(config_text)
-    return gin.get_bindings("train")
+    return TrainConfig()
   finally:
     gin.clear_config()
 
 
-def model_stats(model: Any, dataset_cfg: Any, trainable_params: str | None
-                ) -> tuple[int, int, float, int]:
+def model_stats(config: TrainConfig) -> tuple[int, int, float, int]:
   """(parameters, trainable parameters, training FLOPs per step, targets length) of a run.
 
-  The batch shapes are the feature converter's model lengths, as `train` sees them; the
-  parameters come from `jax.eval_shape` on one device, whatever mesh the run used.
+  The run's setup is built on one device, whatever mesh the run used: its batch shapes are the
+  feature converter's, as `train` sees them.
   """
-  shapes = pipeline.batch_shapes(dataset_cfg, model.FEATURE_CONVERTER_CLS)
-  partitioner = Partitioner(MeshConfig(data=1), devices=jax.devices()[:1])
-  spec = train_state.state_spec(model, train_state.ParamsOnly(), partitioner, shapes,
-                                trainable_params=trainable_params)
-  return (train_state.param_count(spec.abstract.params), spec.trainable_count(),
-          flops.batch_training_flops(model.config, shapes), shapes["decoder_target_tokens"][1])
+  one_device = dataclasses.replace(config, mesh=MeshConfig(data=1))
+  setup = TrainSetup.build(one_device, devices=jax.devices()[:1])
+  return (train_state.param_count(setup.spec.abstract.params), setup.spec.trainable_count(),
+          setup.step_flops, setup.input_shapes["decoder_target_tokens"][1])
 
 
 def _language_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -124,25 +123,25 @@ def _group_losses(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
   return out
 
 
-def _final_eval(model_dir: str, eval_cfg: Any, steps: int) -> dict[str, float]:
+def _final_eval(run_dir: RunDir, eval_cfg: Any, steps: int) -> dict[str, float]:
   """eval_loss and eval_accuracy of training_eval/<task>/ at the run's last step."""
   if eval_cfg is None:
     return {}
-  records = [r for r in _read_jsonl(os.path.join(model_dir, "training_eval",
-                                                 eval_cfg.mixture_or_task_name, "metrics.jsonl"))
+  records = [r for r in _read_jsonl(os.path.join(run_dir.training_eval(
+      eval_cfg.mixture_or_task_name), METRICS_FILE))
              if r["step"] == steps]
   if not records:
     return {}
   return {"eval_loss": float(records[-1]["loss"]), "eval_accuracy": float(records[-1]["accuracy"])}
 
 
-def _final_languages(model_dir: str, infer_cfg: Any, steps: int
+def _final_languages(run_dir: RunDir, infer_cfg: Any, steps: int
                      ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
   """(eval_perplexity and language_loss/<group>, per-language rows) of infer_eval/<task>/ at
   the run's last step."""
   if infer_cfg is None:
     return {}, []
-  text = _read_text(os.path.join(model_dir, "infer_eval", infer_cfg.mixture_or_task_name,
+  text = _read_text(os.path.join(run_dir.infer_eval(infer_cfg.mixture_or_task_name),
                                  f"step_{steps}.json"))
   if text is None:
     return {}, []
@@ -158,18 +157,18 @@ def gather_run(run: Run) -> RunResult:
   values["seconds"] = record["seconds"] if record else None
   failed = bool(record) and record["status"] == FAILED
   error = record["error"] if failed else ""
-  config = _read_text(os.path.join(run.model_dir, "config.gin"))
+  run_dir = RunDir(run.model_dir)
+  config = _read_text(run_dir.config_gin)
   if config is None:
     return RunResult(run, FAILED if failed else NOT_STARTED, values, error=error)
   try:
-    bindings = _train_bindings(config)
-    dataset_cfg = bindings["train_dataset_cfg"]
-    params, trainable, step_flops, targets_length = model_stats(
-        bindings["model"], dataset_cfg, bindings.get("trainable_params"))
+    train_cfg = train_config(config)
+    dataset_cfg = train_cfg.train_dataset_cfg
+    params, trainable, step_flops, targets_length = model_stats(train_cfg)
   except (ValueError, KeyError, ImportError) as exc:
     raise ValueError(f"run {run.name}: its config.gin does not build a model here "
                      f"({gin_setup.one_line_error(exc)}); gather with the same checkout.") from exc
-  train = [r for r in _read_jsonl(os.path.join(run.model_dir, "train", "metrics.jsonl"))
+  train = [r for r in _read_jsonl(os.path.join(run_dir.train, METRICS_FILE))
            if "loss" in r]
   steps = train[-1]["step"] if train else 0
   values.update(params=params, trainable_params=trainable,
@@ -179,16 +178,15 @@ def gather_run(run: Run) -> RunResult:
   if train:
     values["train_loss"] = float(train[-1]["loss"])
     # 1 - kept / total in float32 can round to -0.0 or -1e-8: a dense layer is 0.
-    values["sparsity"] = 0.0 if bindings.get("sparsity") is None else max(
+    values["sparsity"] = 0.0 if train_cfg.sparsity is None else max(
         0.0, float(train[-1]["sparsity/global"]))
-  values.update(_final_eval(run.model_dir, bindings.get("eval_dataset_cfg"), steps))
-  language_values, languages = _final_languages(
-      run.model_dir, bindings.get("infer_eval_dataset_cfg"), steps)
+  values.update(_final_eval(run_dir, train_cfg.eval_dataset_cfg, steps))
+  language_values, languages = _final_languages(run_dir, train_cfg.infer_eval_dataset_cfg, steps)
   values.update(language_values)
   if failed:
     status = FAILED
   elif steps:
-    status = FINISHED if steps == bindings["total_steps"] else INCOMPLETE
+    status = FINISHED if steps == train_cfg.total_steps else INCOMPLETE
   else:
     status = NOT_STARTED
   curve = [(r["step"] * step_flops, float(r["loss"])) for r in train]

@@ -15,12 +15,15 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from polyglot_jax.parallel.axes import is_axes
-from polyglot_jax.parallel.partitioning import path_str
-from polyglot_jax.training.train_state import TrainState
+from polyglot_jax.parallel.partitioning import Partitioner, path_str
+from polyglot_jax.training import train_state
+from polyglot_jax.training.rundir import RunDir
+from polyglot_jax.training.train_state import StateSpec, TrainState
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
@@ -177,3 +180,44 @@ def expert_axes(param_axes: Any) -> dict[str, int]:
   flat = jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=is_axes)
   return {path_str(path): axes.index("expert") for path, axes in flat
           if "expert" in axes}
+
+
+def load_params(model: Any, model_dir: str, partitioner: Partitioner,
+                step: int | None = None) -> tuple[Any, StateSpec]:
+  """The parameters of a run (MODEL_DIR's latest checkpoint, or `step`) on `partitioner`'s mesh.
+
+  Only the parameters are read (no optimizer state), each straight into its shard. Returns
+  (params, params-only state spec: shardings and logical axes of the parameters).
+  """
+  spec = train_state.params_spec(model, partitioner)
+  params = restore_params(RunDir(model_dir).checkpoints, spec.abstract.params, step=step)
+  return params, spec
+
+
+def latest_step(model_dir: str) -> int:
+  """The newest checkpoint step of MODEL_DIR; a one-line FileNotFoundError when there is none."""
+  directory = os.path.abspath(RunDir(model_dir).checkpoints)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory}; point at a MODEL_DIR written "
+                            "by `polyglot-jax train`.")
+  return step
+
+
+def read_host_params(model_dir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, parameters as host NumPy arrays) of MODEL_DIR's latest checkpoint (or `step`).
+
+  Needs no model config: the tree is read as stored (sparsity reports, checkpoint surgery).
+  """
+  step = latest_step(model_dir) if step is None else step
+  manager = ocp.CheckpointManager(os.path.abspath(RunDir(model_dir).checkpoints),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  target = {"params": manager.item_metadata(step)["state"].tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True)))
+  manager.close()
+  return step, restored["state"]["params"]

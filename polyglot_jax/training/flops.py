@@ -25,7 +25,7 @@ with d_attn = num_heads x head_dim.
 
 Decoder-only per token this is PaLM's 6N + 12 L d_attn T.  MFU = (training FLOPs per step /
 step seconds) / peak FLOP/s, with the datasheet bf16 peak on TPU/GPU and a measured matmul peak
-on CPU (DESIGN.md §6).
+on CPU (docs/design.md).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from typing import Mapping
 import tensorboardX
 import tqdm
 
+from polyglot_jax.training.rundir import METRICS_FILE
+
 
 class MetricsWriter:
   """Writes scalar metrics of one scope to `<dir>/metrics.jsonl` and TensorBoard events.
@@ -25,7 +27,7 @@ class MetricsWriter:
   """
 
   def __init__(self, directory: str, tensorboard: bool = True, primary: bool = True):
-    self.path = os.path.join(directory, "metrics.jsonl")
+    self.path = os.path.join(directory, METRICS_FILE)
     self._jsonl = self._tb = None
     if primary:
       os.makedirs(directory, exist_ok=True)

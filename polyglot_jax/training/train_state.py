@@ -8,7 +8,7 @@ Adam moments and Adafactor statistics exactly like the weights they track.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
@@ -19,8 +19,17 @@ import optax
 from polyglot_jax.parallel import partitioning
 from polyglot_jax.training import optimizers
 
-if TYPE_CHECKING:
-  from polyglot_jax.compression.sparsity import Sparsity
+
+
+class WeightMasks(Protocol):
+  """An optimizer wrapper that keeps weight masks in its state (`compression.sparsity.Sparsity`)."""
+
+  def wrap(self, tx: optax.GradientTransformation, param_axes: Any
+           ) -> optax.GradientTransformation:
+    """`tx` with the masks' state and their application added."""
+
+  def metrics(self, opt_state: optax.OptState) -> dict[str, jax.Array]:
+    """Metrics of the masks in `opt_state` (e.g. `sparsity/global`)."""
 
 
 @flax.struct.dataclass
@@ -39,7 +48,7 @@ class StateSpec:
     shardings: TrainState of NamedShardings.
     param_axes: tree of logical-axis tuples, one per parameter.
     tx: the optimizer built for these parameters (wrapped by `sparsity` when given).
-    sparsity: the weight-pruning config whose masks `tx` keeps, or None (dense).
+    sparsity: the weight masks `tx` keeps (gradual pruning), or None (dense).
     trainable_params: regex of the parameters the optimizer updates; None = all.
   """
 
@@ -47,7 +56,7 @@ class StateSpec:
   shardings: TrainState
   param_axes: Any
   tx: optax.GradientTransformation
-  sparsity: Sparsity | None = None
+  sparsity: WeightMasks | None = None
   trainable_params: str | None = None
 
   def trainable_count(self) -> int:
@@ -68,7 +77,7 @@ class ParamsOnly:
     return optax.identity()
 
 
-def _unbox(boxed: Any) -> Any:
+def unbox(boxed: Any) -> Any:
   """Plain arrays from nn.LogicallyPartitioned boxes, without sharding constraints.
 
   `nn.unbox` constrains each value to its logical sharding when a mesh is active, which fails
@@ -79,15 +88,8 @@ def _unbox(boxed: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def _init_params_fn(model: Any, input_shapes: Mapping[str, tuple[int, ...]],
-                    input_types: Mapping[str, Any] | None):
-  return lambda rng: model.get_initial_variables(rng, input_shapes, input_types)["params"]
-
-
 def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner,
-               input_shapes: Mapping[str, tuple[int, ...]],
-               input_types: Mapping[str, Any] | None = None,
-               sparsity: Sparsity | None = None,
+               sparsity: WeightMasks | None = None,
                trainable_params: str | None = None) -> StateSpec:
   """Builds the abstract state, its shardings and the optimizer, allocating nothing.
 
@@ -96,10 +98,9 @@ def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner
   optimizer is wrapped by `sparsity.wrap`: its masks join the optimizer state, sharded like the
   parameters.
   """
-  key = jax.random.key(0)
-  boxed = jax.eval_shape(_init_params_fn(model, input_shapes, input_types), key)
+  boxed = model.param_shapes()
   param_axes = partitioning.logical_axes(boxed)
-  abstract_params = _unbox(boxed)
+  abstract_params = unbox(boxed)
   tx = optimizer.build(param_axes)
   if trainable_params is not None:
     tx = optimizers.freeze_untrainable(tx, param_axes, trainable_params)
@@ -119,13 +120,15 @@ def state_spec(model: Any, optimizer: Any, partitioner: partitioning.Partitioner
                    sparsity=sparsity, trainable_params=trainable_params)
 
 
-def initialize(model: Any, spec: StateSpec, input_shapes: Mapping[str, tuple[int, ...]],
-               seed: int, input_types: Mapping[str, Any] | None = None) -> TrainState:
-  """Initialises parameters and optimizer state directly into their shardings."""
-  init_params = _init_params_fn(model, input_shapes, input_types)
+def params_spec(model: Any, partitioner: partitioning.Partitioner) -> StateSpec:
+  """The state spec of parameters alone (evaluation, inference, checkpoint surgery)."""
+  return state_spec(model, ParamsOnly(), partitioner)
 
+
+def initialize(model: Any, spec: StateSpec, seed: int) -> TrainState:
+  """Initialises parameters and optimizer state directly into their shardings."""
   def init(rng: jax.Array) -> TrainState:
-    params = _unbox(init_params(rng))
+    params = unbox(model.init_params(rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=spec.tx.init(params))
 
   return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed))

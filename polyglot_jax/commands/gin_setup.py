@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from gin import resource_reader
 
 # The gin files ship inside the package (as T5X's configs do), so a wheel install has them too;
 # the repository's top-level gin/ is a link to this folder.
-GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin")
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
 class _QuietSearchMisses(logging.Filter):
@@ -49,14 +50,25 @@ def _guard_gin_file_readers() -> None:
       readers[i] = (reader, _system_path_file_exists)
 
 
+# Every module that defines gin configurables, imported by `register_configurables` so that any
+# gin file (and `gin.get_configurable`) sees all of them; a new configurable's module goes here.
+GIN_MODULES = (
+    "polyglot_jax.models.config", "polyglot_jax.models.model",
+    "polyglot_jax.parallel.partitioning",
+    "polyglot_jax.data.pipeline", "polyglot_jax.data.pruning",
+    "polyglot_jax.training.optimizers", "polyglot_jax.training.schedules",
+    "polyglot_jax.training.setup",
+    "polyglot_jax.compression.sparsity", "polyglot_jax.compression.quantization",
+    "polyglot_jax.inference.evaluation",
+    "polyglot_jax.commands.evaluate", "polyglot_jax.commands.infer",
+    "polyglot_jax.commands.score", "polyglot_jax.commands.prune", "polyglot_jax.commands.audit",
+)
+
+
 def register_configurables() -> None:
-  """Imports every module that defines gin configurables or seqio tasks."""
-  # pylint: disable=import-outside-toplevel,unused-import
-  from polyglot_jax.data import pipeline, tasks  # noqa: F401
-  from polyglot_jax.inference import run  # noqa: F401
-  from polyglot_jax.models import config, model  # noqa: F401
-  from polyglot_jax.parallel import partitioning  # noqa: F401
-  from polyglot_jax.training import loop, optimizers, schedules  # noqa: F401
+  """Imports `GIN_MODULES`: registering with gin is what importing them does."""
+  for name in GIN_MODULES:
+    importlib.import_module(name)
 
 
 def normalize_binding(binding: str) -> str:

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the train step: per-device memory and FLOPs before a run.
 
-`polyglot-jax precompile` reads the same gin files as `train`, builds the state spec and the
-jitted train step exactly as `train` does, then lowers and compiles the step for the mesh from
+`polyglot-jax precompile` reads the same gin files as `train`, builds the same `TrainSetup`
+(state spec and jitted train step), then lowers and compiles the step for the mesh from
 ShapeDtypeStructs that carry their shardings. Nothing is allocated and no data is read, so a
 config that would not fit in device memory fails here, in a minute, instead of on a paid pod.
 The estimate is for the devices this process sees (run it on the slice, or on one of its size).
@@ -10,20 +10,12 @@ The estimate is for the devices this process sees (run it on the slice, or on on
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
-import gin
 import jax
-import numpy as np
 
-from polyglot_jax.data import pipeline
-from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
-from polyglot_jax.training import flops, loop, step as step_lib, train_state
-
-# The `train` arguments that shape the compiled step; the others (model_dir, steps...) do not.
-_STEP_ARGUMENTS = ("model", "train_dataset_cfg", "optimizer", "mesh", "seed", "num_microbatches",
-                   "sparsity", "trainable_params")
+from polyglot_jax.training import train_state
+from polyglot_jax.training.setup import TrainConfig, TrainSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,26 +72,6 @@ class CompileReport:
     return "\n".join(lines)
 
 
-def _train_arguments() -> dict[str, Any]:
-  """The arguments gin passes to `loop.train` that shape the step: bindings over defaults."""
-  parameters = inspect.signature(inspect.unwrap(loop.train)).parameters
-  bindings = gin.get_bindings("train")
-  args = {}
-  for name in _STEP_ARGUMENTS:
-    value = bindings.get(name, parameters[name].default)
-    if value is gin.REQUIRED:
-      raise ValueError(f"train.{name} is not bound; pass the gin files you would give "
-                       "`polyglot-jax train` (e.g. --gin_file=experiments/quickstart.gin).")
-    args[name] = value
-  return args
-
-
-def _abstract_batch(model: Any, cfg: Any, partitioner: Partitioner) -> dict[str, jax.Array]:
-  """The global batch as ShapeDtypeStructs, from the feature converter (no data is read)."""
-  return {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=partitioner.batch_sharding)
-          for name, shape in pipeline.batch_shapes(cfg, model.FEATURE_CONVERTER_CLS).items()}
-
-
 def _cost_flops(compiled: Any) -> float | None:
   costs = compiled.cost_analysis()
   if isinstance(costs, (list, tuple)):  # Some backends return one dict per program.
@@ -108,25 +80,16 @@ def _cost_flops(compiled: Any) -> float | None:
   return float(flops_value) if flops_value is not None and flops_value >= 0 else None
 
 
-def compile_train_step(model: Any, train_dataset_cfg: Any, optimizer: Any,
-                       mesh: MeshConfig = MeshConfig(), seed: int = 0, num_microbatches: int = 1,
-                       sparsity: Any = None, trainable_params: str | None = None) -> CompileReport:
-  """Lowers and compiles `train`'s step for `mesh` from abstract state and batch."""
-  partitioner = Partitioner(mesh)
-  batch = _abstract_batch(model, train_dataset_cfg, partitioner)
-  shapes = {name: x.shape for name, x in batch.items()}
-  types = {name: x.dtype for name, x in batch.items()}
-  spec = train_state.state_spec(model, optimizer, partitioner, shapes, types, sparsity=sparsity,
-                                trainable_params=trainable_params)
-  step = step_lib.make_train_step(model, spec, partitioner,
-                                  learning_rate_fn=optimizer.learning_rate_fn,
-                                  num_microbatches=num_microbatches, dropout_seed=seed)
-  with partitioner.activate():
-    compiled = step.lower(spec.abstract, batch).compile()
+def compile_train_step(config: TrainConfig) -> CompileReport:
+  """Lowers and compiles `config`'s train step for its mesh from abstract state and batch."""
+  setup = TrainSetup.build(config)
+  spec = setup.spec
+  with setup.partitioner.activate():
+    compiled = setup.train_step.lower(spec.abstract, setup.abstract_batch()).compile()
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
   return CompileReport(
-      mesh=dict(partitioner.mesh.shape),
+      mesh=dict(setup.partitioner.mesh.shape),
       num_params=train_state.param_count(spec.abstract.params),
       argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes),
@@ -135,7 +98,7 @@ def compile_train_step(model: Any, train_dataset_cfg: Any, optimizer: Any,
       generated_code_bytes=int(memory.generated_code_size_in_bytes),
       peak_bytes=int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
       xla_flops=_cost_flops(compiled),
-      analytic_flops=flops.batch_training_flops(model.config, shapes),
+      analytic_flops=setup.step_flops,
       bytes_limit=stats.get("bytes_limit"))
 
 
@@ -145,7 +108,7 @@ def precompile() -> CompileReport:
   Prints the report, and raises a one-line ValueError when the estimate exceeds the memory of
   a device, so a pod launch can be gated on it.
   """
-  report = compile_train_step(**_train_arguments())
+  report = compile_train_step(TrainConfig())
   print(report.format(), flush=True)
   if report.bytes_limit and report.total_bytes > report.bytes_limit:
     raise ValueError(
