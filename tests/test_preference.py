@@ -265,6 +265,22 @@ def test_dpo_train_step_sharded_with_microbatches_equals_single_device():
   jax.tree.map(np.testing.assert_array_equal, adapter_free(params_1), adapter_free(base))
 
 
+def test_reference_step_on_a_mesh_adds_the_reference_feature():
+  """`make_reference_step` (a reference checkpoint, here the base) on 8 devices adds the
+  feature the host computes."""
+  partitioner = Partitioner(MeshConfig(data=8))
+  base_params = adapter_free(_params(DECODER, 0.5))
+  batch = _convert(_model(DECODER))
+  add_reference = preference.make_reference_step(
+      _model(DECODER).without_adapters(), jax.tree.map(lambda _: partitioner.replicated,
+                                                       base_params), partitioner)
+  with partitioner.activate():
+    out = add_reference(base_params, partitioner.shard_batch(batch))
+  host = _outputs(DECODER)(_params(DECODER, 0.5), batch)["reference_feature"]
+  np.testing.assert_allclose(out[preference.REFERENCE_FEATURE], host, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(out["decoder_target_tokens"], batch["decoder_target_tokens"])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sgd:
   learning_rate: float = 0.1
