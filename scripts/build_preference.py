@@ -14,12 +14,12 @@ language into a target language, "chosen" is that article in the target language
                         Yiddish at 0.11, Yoruba's Ilocano at 0.18), else no such pair;
   neighbouring_article  the next article in the target language (the previous one for the last
                         article of a split), so the pair differs in content, not language.
-Both pairs of an (article, target) share one prompt; a pair whose rejected text equals the chosen
-one (Farsi and Dari share some articles word for word) is left out. Targets are the languages of the bundled
-instruction data (the prompt-template languages and the chatterbot-corpus languages) that the
-UDHR has, one variety each (TARGETS). The source of each prompt is drawn (seeded) among the
-template-language varieties of another language (SOURCES), its template among the English
-translation templates of `polyglot_jax.data.instructions`. Held-out articles (26-30) stay in
+Both pairs of an (article, target) share one prompt; a pair whose rejected text equals the
+chosen one (Farsi and Dari share some articles word for word) is left out. Targets are the
+languages of the bundled instruction data (the prompt-template languages and the chatterbot-
+corpus languages) that the UDHR has, one variety each (TARGETS). The source of each prompt is
+drawn (seeded) among the template-language varieties of another language (SOURCES), its
+template among the English translation templates of `polyglot_jax.data.instructions`. Held-out articles (26-30) stay in
 "validation" with everything built from them; nothing of them reaches "train" (the similarity
 profiles read training articles only). The output is byte-identical across runs.
 """

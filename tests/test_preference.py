@@ -51,7 +51,8 @@ def _numpy_loss_and_grads(kind, beta, gamma, v):
   if kind == "simpo":
     z = beta * (v["chosen"] / v["chosen_len"] - v["rejected"] / v["rejected_len"]) - gamma
     loss = np.logaddexp(0.0, -z)
-    return loss, -sigmoid(-z) * beta / v["chosen_len"] / n, sigmoid(-z) * beta / v["rejected_len"] / n
+    return (loss, -sigmoid(-z) * beta / v["chosen_len"] / n,
+            sigmoid(-z) * beta / v["rejected_len"] / n)
   h = (v["chosen"] - v["chosen_ref"]) - (v["rejected"] - v["rejected_ref"])
   if kind == "dpo":
     loss = np.logaddexp(0.0, -beta * h)
@@ -354,7 +355,8 @@ def test_bundled_preference_set_keeps_held_out_articles_held_out():
     if r["rejection"] == "related_language":
       assert r["rejected_language"] != r["language"] and r["rejected_article"] == r["article"]
     else:
-      assert r["rejected_language"] == r["language"] and abs(r["rejected_article"] - r["article"]) == 1
+      assert r["rejected_language"] == r["language"]
+      assert abs(r["rejected_article"] - r["article"]) == 1
   assert len({r["language"] for r in train}) == 27
   assert data_pref.UDHR_PREFERENCE_PATH.stat().st_size < 2 * 2**20
 

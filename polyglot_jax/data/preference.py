@@ -99,10 +99,11 @@ class PreferenceFileSource(aya.AyaFileSource):
       if prompt is None:
         quality.drop("malformed", name, f"{where} (field 'messages')", strict)
         return None
+    language = raw.get(cols["language"])
     example: dict[str, Any] = {}
     for field, value in (("inputs", prompt), ("chosen", _response(raw.get(cols["chosen"]))),
                          ("rejected", _response(raw.get(cols["rejected"]))),
-                         ("language", raw.get(cols["language"], None) or self._default_language)):
+                         ("language", self._default_language if language is None else language)):
       text = quality.clean_text(value, field, name, where, strict)
       if text is None:
         return None
@@ -254,11 +255,12 @@ def _reference_values(tokens: tf.Tensor, positions: tf.Tensor, targets: tf.Tenso
 
 
 def _pad_to(features: Mapping[str, tf.Tensor], length: int) -> dict[str, tf.Tensor]:
-  return {k: tf.pad(v, [[0, length - tf.shape(v)[0]]]) for k, v in features.items()}
+  """Features of static length <= `length`, zero-padded to it."""
+  return {k: tf.pad(v, [[0, length - v.shape[0]]]) for k, v in features.items()}
 
 
 def _interleave(rows: Sequence[Mapping[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
-  """Two rows (chosen, rejected) of one pair -> features with a leading [2] axis (unbatched next)."""
+  """Two rows (chosen, rejected) of one pair -> features with a leading [2] axis (to unbatch)."""
   return {k: tf.stack([row[k] for row in rows]) for k in rows[0]}
 
 

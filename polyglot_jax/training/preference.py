@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polyglot_jax.data.preference import REFERENCE_FEATURE
 from polyglot_jax.models.model import adapter_free
 from polyglot_jax.parallel import partitioning
 
@@ -41,7 +42,6 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 KINDS = ("dpo", "ipo", "simpo")
-REFERENCE_FEATURE = "decoder_reference_log_probs"
 METRICS = ("dpo/loss", "dpo/reward_margin", "dpo/preference_accuracy", "dpo/chosen_logps",
            "dpo/rejected_logps")
 
