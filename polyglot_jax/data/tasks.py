@@ -7,10 +7,13 @@ Pretraining on the UDHR (text -> "targets", then an objective; splits from `udhr
 Instruction tuning (Aya-schema records, `instructions`): inputs, targets
   udhr_translation      any<->any UDHR translation prompts (language = the target's)
   chatterbot_dialog     chatterbot-corpus dialog pairs
+Preference pairs (`preference`): inputs, chosen, rejected
+  udhr_preference       UDHR translation prompts; rejected = related language or next article
 Each of these also exists per language as `<task>.<code>` (e.g. `udhr_lm.swh`, 532 UDHR varieties;
 `chatterbot_dialog.jpn`), and the per-language tasks form `LanguageMixture`s with mT5 temperature
 rates (alpha 0.3, by ISO 639-3 language): `udhr_span_corruption_mix`, `udhr_lm_mix`,
-`udhr_prefix_lm_mix`, and `aya_instruct_mix` (translation and dialog together).
+`udhr_prefix_lm_mix`, `aya_instruct_mix` (translation and dialog together) and
+`udhr_preference_mix`.
 
 Every example keeps its language code as a "language" string feature next to the tokens, for
 per-language evaluation; feature converters drop it when packing. `register_aya_task` registers a
@@ -25,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import aya, mixing, preprocessors, quality
+from polyglot_jax.data import aya, mixing, preference, preprocessors, quality
 from polyglot_jax.data.instructions import dialog_records, translation_records
 from polyglot_jax.data.mixing import Columns, MemorySource
 from polyglot_jax.data.udhr import SPLIT_ARTICLES, load_udhr, udhr_records
@@ -37,6 +40,7 @@ UDHR_PREFIX_LM = "udhr_prefix_lm"
 UDHR_TRANSLATION = "udhr_translation"
 CHATTERBOT_DIALOG = "chatterbot_dialog"
 AYA_INSTRUCT_MIX = "aya_instruct_mix"
+UDHR_PREFERENCE = "udhr_preference"
 MIX_SUFFIX = "_mix"
 
 _TOKENIZE = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
@@ -171,6 +175,18 @@ def register_instruction_tasks(vocabulary: seqio.Vocabulary | None = None) -> No
   mixing.register_language_mixture(AYA_INSTRUCT_MIX, languages)
 
 
+def register_preference_tasks(vocabulary: seqio.Vocabulary | None = None) -> None:
+  """Registers `udhr_preference`, its per-language tasks and `udhr_preference_mix` (idempotent).
+
+  Convert them with `preference.converter_cls` (pairs stay together); feature lengths
+  {"inputs", "chosen", "rejected"}.
+  """
+  languages = _register_with_languages(
+      UDHR_PREFERENCE, preference.udhr_preference_columns, preference.CHAINS[False],
+      preference.FEATURES, vocabulary or get_vocabulary())
+  mixing.register_language_mixture(UDHR_PREFERENCE + MIX_SUFFIX, languages)
+
+
 def register_aya_task(
     name: str,
     data: Mapping[str, str | Sequence[str]],
@@ -204,3 +220,4 @@ def register_bundled() -> None:
   """
   register_udhr_tasks()
   register_instruction_tasks()
+  register_preference_tasks()

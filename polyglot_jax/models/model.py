@@ -9,6 +9,8 @@ Batches use seqio feature names (`encoder_input_tokens`, `decoder_input_tokens`,
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -34,6 +36,20 @@ _PARAM_INIT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1
 # (variables, [batch, length] tokens, decode=, prefill_lengths=) -> logits, plus the mutated
 # 'cache' collection when decoding.
 DecoderFn = Callable[..., Any]
+
+
+def _target_log_probs(logits: Array, targets: Array) -> Array:
+  """[batch, length] log-softmax probability (float32) of each target token."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, length, vocab]
+  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [batch, length]
+
+
+def adapter_free(params: Params) -> Params:
+  """`params` without the adapter subtrees (modules named `<site>_adapter`, see `adapters`)."""
+  if not isinstance(params, Mapping):
+    return params
+  return {name: adapter_free(value) for name, value in params.items()
+          if not name.endswith("_adapter")}
 
 
 class BaseTransformerModel(abc.ABC):
@@ -150,22 +166,48 @@ class BaseTransformerModel(abc.ABC):
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
         z_loss=self._z_loss, label_smoothing=self._label_smoothing,
         loss_normalizing_factor=self._loss_normalizing_factor, loss_normalizer=loss_normalizer)
-    stats = routing.collect_statistics(state.get(routing.STATS_COLLECTION, {}))
+    stats = self._router_statistics(state)
     if not stats:
       return loss, sums
-    lb_weight, z_weight = self._router_loss_weights
-    aux = lb_weight * stats["load_balance_loss"] + z_weight * stats["router_z_loss"]
     share = 1.0 if global_num_tokens is None else sums["num_tokens"] / jnp.maximum(
         global_num_tokens, 1.0)
-    stats["aux_loss"] = aux
     sums.update({f"experts/{name}": value * sums["num_tokens"] for name, value in stats.items()})
-    return loss + share * aux, sums
+    return loss + share * stats["aux_loss"], sums
 
-  @property
-  def _router_loss_weights(self) -> tuple[float, float]:
-    """(load-balancing, router z-loss) coefficients of the configured MoE or adapters."""
-    routed = self.config.moe or self.config.adapters
-    return routed.load_balance_weight, routed.router_z_loss_weight
+  def _router_statistics(self, state: Mapping[str, Any]) -> dict[str, Array]:
+    """The routers' statistics plus `aux_loss` = `load_balance_weight * load_balance_loss +
+    router_z_loss_weight * router_z_loss`; empty for models without routers."""
+    stats = routing.collect_statistics(state.get(routing.STATS_COLLECTION, {}))
+    if stats:
+      routed = self.config.moe or self.config.adapters
+      stats["aux_loss"] = (routed.load_balance_weight * stats["load_balance_loss"]
+                           + routed.router_z_loss_weight * stats["router_z_loss"])
+    return stats
+
+  def token_log_probs(self, params: Params, batch: Batch, dropout_rng: Array | None = None
+                      ) -> tuple[Array, Array]:
+    """Per-token target log-likelihoods, for sequence-level objectives (preference training).
+
+    Returns:
+      ([batch, length] log p(target token) times `decoder_loss_weights`, the routers' scalar
+      `aux_loss` (see `loss_fn`; 0 for models without routers)). Dropout iff `dropout_rng`.
+    """
+    logits, state = self._logits(params, batch, dropout_rng,
+                                 mutable=[routing.STATS_COLLECTION])  # [batch, length, vocab]
+    scores = _target_log_probs(logits, batch["decoder_target_tokens"])  # [batch, length]
+    aux = self._router_statistics(state).get("aux_loss", jnp.zeros((), jnp.float32))
+    return scores * batch["decoder_loss_weights"], aux
+
+  def without_adapters(self) -> BaseTransformerModel:
+    """This model with `config.adapters = None`.
+
+    Applied to `adapter_free(params)` of an adapter run it computes the base model from the same
+    arrays (no copy of the weights): the frozen reference of adapter training.
+    """
+    base = copy.copy(self)
+    base.config = dataclasses.replace(self.config, adapters=None)
+    base.module = type(self.module)(base.config)
+    return base
 
   def eval_fn(self, params: Params, batch: Batch) -> tuple[Array, dict[str, Array]]:
     """`loss_fn` without dropout."""
@@ -180,9 +222,7 @@ class BaseTransformerModel(abc.ABC):
     mutable = ["intermediates"] if return_intermediates else False
     output = self._logits(params, batch, mutable=mutable)
     logits, state = output if return_intermediates else (output, None)  # [batch, length, vocab]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [batch, length, vocab]
-    targets = batch["decoder_target_tokens"]  # [batch, length]
-    token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [b, l]
+    token_scores = _target_log_probs(logits, batch["decoder_target_tokens"])  # [batch, length]
     scores = jnp.sum(token_scores * batch["decoder_loss_weights"], axis=-1)  # [batch]
     return (scores, state["intermediates"]) if return_intermediates else scores
 

@@ -3,11 +3,14 @@
 One `jax.jit` per step with explicit in/out shardings; the train state is donated. Gradient
 accumulation scans over microbatches and divides every microbatch loss by the *global* batch's
 normaliser, so accumulating M microbatches equals one pass over the whole batch.
+
+What is minimised is an `Objective`: token cross-entropy (`CrossEntropy`, the model's `loss_fn`)
+by default, or e.g. a preference loss (`training.preference.PreferenceLoss`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,42 @@ from polyglot_jax.training.train_state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+class Objective(Protocol):
+  """A loss the train step differentiates, normalised so that microbatch losses add up.
+
+  `normalizer(model, batch)` is the divisor of the global batch, shared by its microbatches;
+  `loss_fn(model, params, batch, dropout_rng, normalizer, global_num_tokens)` returns (loss,
+  metric sums) for a (micro)batch, the loss being a sum divided by `normalizer` (None: this
+  batch's own) and the sums including `num_tokens` and `num_sequences`; `summarize(sums)` turns
+  the sums, added over microbatches and with `normalizer` set back to the global one, into
+  metrics including `loss`.
+  """
+
+  def normalizer(self, model: Any, batch: Batch) -> jax.Array: ...
+
+  def loss_fn(self, model: Any, params: Any, batch: Batch, dropout_rng: jax.Array | None,
+              normalizer: jax.Array | None = None, global_num_tokens: jax.Array | None = None
+              ) -> tuple[jax.Array, Metrics]: ...
+
+  def summarize(self, sums: Metrics) -> Metrics: ...
+
+
+class CrossEntropy:
+  """The model's own token loss (`model.loss_fn`, T5X normalisation): the default objective."""
+
+  def normalizer(self, model: Any, batch: Batch) -> jax.Array:
+    return losses.normalizer(batch["decoder_loss_weights"], model.loss_normalizing_factor)
+
+  def loss_fn(self, model: Any, params: Any, batch: Batch, dropout_rng: jax.Array | None,
+              normalizer: jax.Array | None = None, global_num_tokens: jax.Array | None = None
+              ) -> tuple[jax.Array, Metrics]:
+    return model.loss_fn(params, batch, dropout_rng, loss_normalizer=normalizer,
+                         global_num_tokens=global_num_tokens)
+
+  def summarize(self, sums: Metrics) -> Metrics:
+    return losses.summarize(sums)
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int,
@@ -42,21 +81,26 @@ def _all_finite(tree: Any) -> jax.Array:
 def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Partitioner, *,
                     learning_rate_fn: Callable[[jax.Array], jax.Array],
                     num_microbatches: int = 1,
-                    dropout_seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    dropout_seed: int = 0,
+                    objective: Objective | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Returns `train_step(state, batch) -> (state, metrics)`, jitted with shardings.
 
-  Dropout randomness is `fold_in(key(dropout_seed), step)`: a function of the step alone, so a
-  resumed run draws the same masks as an uninterrupted one. An update whose loss or gradients
-  are not finite is skipped (state kept, step advanced) and reported as `nonfinite` = 1; the
-  loop decides whether to stop. With `spec.sparsity`, the metrics add `sparsity/global` and
-  `sparsity/<param path>`, counted from the masks in the optimizer state.
+  `objective` (default `CrossEntropy()`) says what is minimised. Dropout randomness is
+  `fold_in(key(dropout_seed), step)`: a function of the step alone, so a resumed run draws the
+  same masks as an uninterrupted one. An update whose loss or gradients are not finite is
+  skipped (state kept, step advanced) and reported as `nonfinite` = 1; the loop decides whether
+  to stop. With `spec.sparsity`, the metrics add `sparsity/global` and `sparsity/<param path>`,
+  counted from the masks in the optimizer state.
   """
+  objective = objective or CrossEntropy()
+
   def grads_and_sums(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
-    norm = losses.normalizer(batch["decoder_loss_weights"], model.loss_normalizing_factor)
+    norm = objective.normalizer(model, batch)
     num_tokens = jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))
 
     def loss_fn(p: Any, mb: Batch, r: jax.Array) -> tuple[jax.Array, Metrics]:
-      return model.loss_fn(p, mb, r, loss_normalizer=norm, global_num_tokens=num_tokens)
+      return objective.loss_fn(model, p, mb, r, norm, num_tokens)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
@@ -82,11 +126,11 @@ def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Parti
     grads, sums = grads_and_sums(state.params, batch, rng)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(grads) & jnp.isfinite(sums["cross_ent_loss"] + sums["z_loss"])
+    metrics = objective.summarize(sums)
+    finite = _all_finite(grads) & jnp.isfinite(metrics["loss"])
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
-    metrics = losses.summarize(sums)
     metrics.update(
         learning_rate=learning_rate_fn(state.step),
         grad_norm=optax.global_norm(grads),
@@ -103,11 +147,14 @@ def make_train_step(model: Any, spec: StateSpec, partitioner: partitioning.Parti
                  out_shardings=(spec.shardings, partitioner.replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: Any, spec: StateSpec,
-                   partitioner: partitioning.Partitioner) -> Callable[[Any, Batch], Metrics]:
-  """Returns `eval_step(params, batch) -> metric sums` (add them over batches, then summarize)."""
+def make_eval_step(model: Any, spec: StateSpec, partitioner: partitioning.Partitioner,
+                   objective: Objective | None = None) -> Callable[[Any, Batch], Metrics]:
+  """Returns `eval_step(params, batch) -> metric sums` (add them over batches, then summarize
+  with the objective's `summarize`); the default objective evaluates `model.eval_fn`."""
   def eval_step(params: Any, batch: Batch) -> Metrics:
-    return model.eval_fn(params, batch)[1]
+    if objective is None:
+      return model.eval_fn(params, batch)[1]
+    return objective.loss_fn(model, params, batch, None)[1]
 
   return jax.jit(eval_step, in_shardings=(spec.shardings.params, partitioner.batch_sharding),
                  out_shardings=partitioner.replicated)
