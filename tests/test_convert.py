@@ -57,8 +57,7 @@ def test_convert_round_trip_through_the_cli(name, config_cls, extra, flags, tmp_
   gin.clear_config()
   assert config == hf.config_from_hf(model.config, scan_layers=bool(flags))
   spec = train_state.state_spec(checkpoint.model_for(config), train_state.ParamsOnly(),
-                                Partitioner(MeshConfig(data=2, fsdp=2, tensor=2)),
-                                {"encoder_input_tokens": (2, 8), "decoder_input_tokens": (2, 8)})
+                                Partitioner(MeshConfig(data=2, fsdp=2, tensor=2)))
   params = checkpoints.restore_params(str(ours / "checkpoints"), spec.abstract.params)
   theirs = _hf_logits(model)
   logits, real = _our_logits(params, config)
@@ -93,8 +92,7 @@ def test_sharded_load_equals_host_load_and_reads_each_byte_once(config_cls, extr
   config, host = hf.load_hf_checkpoint(str(directory), scan_layers=scan)
   partitioner = Partitioner(MeshConfig(data=1, fsdp=4, tensor=2))
   spec = train_state.state_spec(checkpoint.model_for(config), train_state.ParamsOnly(),
-                                partitioner, {"encoder_input_tokens": (1, 8),
-                                              "decoder_input_tokens": (1, 8)})
+                                partitioner)
   reads: dict[str, list[int]] = {}
   read = hf.SafetensorsDirectory.read
 
