@@ -105,16 +105,16 @@ def recompute_step(logits_fn: Callable[[Array], Array], tokens: Array, start: Ar
     eos_ids: the ids that end a row.
     pad_id: the id that fills a row after its end.
   """
-  batch, length = tokens.shape
-  rows = jnp.arange(batch)  # [batch]
+  length = tokens.shape[1]
 
   def step(token: Array, state: tuple[Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-    buffer, slot = state  # [batch, length], [batch]
-    buffer = buffer.at[rows, slot].set(token, mode="drop")  # [batch, length]
-    logits = logits_fn(buffer)[rows, jnp.minimum(slot, length - 1)]  # [batch, vocab]
+    buffer, slot = state  # [rows, length], [rows]: beam search and num_decodes repeat rows
+    rows = jnp.arange(buffer.shape[0])  # [rows]
+    buffer = buffer.at[rows, slot].set(token, mode="drop")  # [rows, length]
+    logits = logits_fn(buffer)[rows, jnp.minimum(slot, length - 1)]  # [rows, vocab]
     return logits, (buffer, slot + 1)
 
-  first = logits_fn(tokens)[rows, start]  # [batch, vocab]
+  first = logits_fn(tokens)[jnp.arange(tokens.shape[0]), start]  # [batch, vocab]
   return DecodingStart(step, first, (tokens, start + 1), (0, 0), length - start, length,
                        tuple(eos_ids), pad_id)
 
