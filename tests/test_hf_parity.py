@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from polyglot_jax.convert import hf
+from polyglot_jax.convert import checkpoint, hf
 from polyglot_jax.data import vocab
 from polyglot_jax.models import layers
 from polyglot_jax.models.decoder import DecoderOnly
@@ -209,6 +210,38 @@ def test_export_loads_in_transformers_with_the_same_logits(name, config_cls, ext
   config_back, params_back = hf.load_hf_checkpoint(str(tmp_path), scan_layers=config.scan_layers)
   assert config_back == config
   jax.tree.map(np.testing.assert_array_equal, params_back, params)
+
+
+def test_export_keeps_the_imported_config_fields(tmp_path):
+  # A Llama as real checkpoints ship it: long context, several EOS ids, no pad id, its BOS,
+  # fields equal to transformers' defaults, and one transformers does not know.
+  model, _ = _random_hf_model(transformers.LlamaConfig, max_position_embeddings=8192,
+                              eos_token_id=[2, 7], pad_token_id=None, bos_token_id=3,
+                              attention_dropout=0.0, custom_field="kept")
+  hf_dir, ours, back = tmp_path / "hf", tmp_path / "ours", tmp_path / "back"
+  model.save_pretrained(str(hf_dir))
+  checkpoint.import_hf(str(hf_dir), str(ours))
+  config = hf.read_hf_config(str(hf_dir))
+  assert (config.eos_token_ids, config.pad_token_id, config.bos_token_id) == ((2, 7), 2, 3)
+  checkpoint.export_hf(str(ours), str(back))
+  gin.clear_config()
+  original, exported = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
+  for key, value in original.items():
+    if key != "transformers_version":
+      assert exported[key] == value, key
+  assert (back / "generation_config.json").read_text() == (
+      hf_dir / "generation_config.json").read_text()
+  reloaded = transformers.AutoConfig.from_pretrained(str(back))
+  assert (reloaded.max_position_embeddings, reloaded.eos_token_id, reloaded.pad_token_id) == (
+      8192, [2, 7], None)
+  # A field the model does change is written anew: here the weights' dtype.
+  gin.clear_config()
+  try:
+    checkpoint.export_hf(str(ours), str(tmp_path / "bf16"),
+                         gin_bindings=["TransformerConfig.param_dtype='bfloat16'"])
+  finally:
+    gin.clear_config()
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_sharded_checkpoint_import_and_bad_tensor_message(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
 
+from polyglot_jax import cli
 from polyglot_jax.data import aya, hf_vocab, mixing, scoring, tasks, vocab
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
 from polyglot_jax.data.udhr import udhr_records
@@ -302,3 +304,27 @@ def test_tasks_mixtures_packing_and_scoring_with_an_hf_vocabulary(folders, tmp_p
   assert sum(int(b["decoder_loss_weights"].sum()) for b in batches) == sum(
       len(theirs(r["targets"], add_special_tokens=False)["input_ids"]) + 1
       for r in records if r["language"] == "rus")
+
+
+def test_convert_from_hf_wires_up_the_tokenizer_and_refuses_one_that_does_not_fit(
+    folders, tmp_path, capsys):
+  tokenizer = hf_vocab.HFVocabulary(folders["cohere"])
+  ids = dict(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=0)
+  for name, vocab_size in (("fits", 1280), ("too_small", 1100)):
+    config = transformers.CohereConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2, **ids)
+    transformers.CohereForCausalLM(config).save_pretrained(tmp_path / name)
+    for file in os.listdir(folders["cohere"]):
+      shutil.copy(os.path.join(folders["cohere"], file), tmp_path / name)
+  assert cli.main(["convert", f"--from_hf={tmp_path / 'fits'}",
+                   f"--model_dir={tmp_path / 'ours'}"]) == 0, capsys.readouterr().err
+  assert vocab.get_vocabulary(tmp_path / "ours") == tokenizer  # chat template included
+  model_gin = (tmp_path / "ours" / "model.gin").read_text()
+  assert f"eos_token_ids = ({tokenizer.eos_id},)" in model_gin
+  assert f"bos_token_id = {tokenizer.bos_id}" in model_gin
+  capsys.readouterr()
+  assert cli.main(["convert", f"--from_hf={tmp_path / 'too_small'}",
+                   f"--model_dir={tmp_path / 'refused'}"]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "has 1200 ids but the model's vocab_size is 1100" in err
+  assert not (tmp_path / "refused").exists()  # nothing written half-way

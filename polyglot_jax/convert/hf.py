@@ -440,6 +440,7 @@ _NOT_COPIED = ("model_type", "transformers_version", "architectures", "_name_or_
 
 def config_to_hf(config: TransformerConfig, model_type: str | None = None,
                  base: Mapping[str, Any] | None = None,
+                 generation: Mapping[str, Any] | None = None,
                  **hf_overrides: Any) -> transformers.PretrainedConfig:
   """The transformers config of `config`: the inverse of `config_from_hf`.
 
@@ -450,6 +451,7 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None,
       blocks, else "llama".
     base: the imported checkpoint's config.json: every field `config` does not change keeps its
       value (e.g. `max_position_embeddings`, a pad id of None), the others are `config`'s.
+    generation: the imported generation_config.json, which `base`'s token ids were read with.
     **hf_overrides: extra config fields, set last.
   """
   model_type = model_type or _default_model_type(config)
@@ -458,7 +460,7 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None,
   if base:
     kept = {k: v for k, v in base.items() if k not in _NOT_COPIED}
     # What the imported config itself maps to: a field we derive the same way is unchanged.
-    imported = _hf_fields(config_from_hf(config_cls(**kept)), model_type)
+    imported = _hf_fields(config_from_hf(config_cls(**kept), generation), model_type)
     fields = {**kept, **{k: kept[k] if k in kept and imported.get(k) == v else v
                          for k, v in fields.items()}}
   fields["dtype"] = config.param_dtype  # the dtype of the weights written
@@ -468,13 +470,14 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None,
 
 def save_hf_checkpoint(directory: str, params: Mapping[str, Any], config: TransformerConfig,
                        model_type: str | None = None, base: Mapping[str, Any] | None = None,
+                       generation: Mapping[str, Any] | None = None,
                        **hf_overrides: Any) -> None:
   """Writes `model.safetensors` and `config.json` (see `config_to_hf`) into `directory`.
 
   config.json holds every field of `base` too, also those equal to transformers' defaults
   (which `save_pretrained` leaves out), for readers of the raw file.
   """
-  hf_config = config_to_hf(config, model_type, base, **hf_overrides)
+  hf_config = config_to_hf(config, model_type, base, generation, **hf_overrides)
   os.makedirs(directory, exist_ok=True)
   hf_config.save_pretrained(directory)
   path = os.path.join(directory, "config.json")
