@@ -266,7 +266,7 @@ def test_sharded_checkpoint_import_and_bad_tensor_message(tmp_path):
 
 
 def test_vocabulary_loads_from_the_checkpoint_directory(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no spiece.model or tokenizer.model"):
+  with pytest.raises(FileNotFoundError, match="no spiece.model, tokenizer.model or tokenizer.json"):
     hf.load_hf_vocabulary(str(tmp_path))
   (tmp_path / "spiece.model").write_bytes(open(vocab.DEFAULT_VOCAB_PATH, "rb").read())
   assert hf.load_hf_vocabulary(str(tmp_path), extra_ids=100).vocab_size == 8100

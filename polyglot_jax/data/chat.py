@@ -40,7 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import quality
+from polyglot_jax.data import quality, vocab
 
 LOSS_WEIGHTS = "targets_loss_weights"  # per-token loss weights of chat tasks, aligned with targets
 # A conversation every chat template must render, turn by turn (checked at registration).
@@ -199,6 +199,29 @@ def tokenize_chat(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.
 
   return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE).filter(
       lambda x: tf.size(x["targets"]) > 0)
+
+
+@functools.cache
+def _vocabulary_at(path: str) -> seqio.Vocabulary:
+  return vocab.get_vocabulary(path)
+
+
+@gin.configurable
+def chat_task(
+    name: str = gin.REQUIRED,
+    data: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+    vocabulary: str = gin.REQUIRED,
+    file_format: str | None = None,
+    field_map: Mapping[str, str] | None = None,
+    default_language: str | None = None,
+    strict: bool = False,
+) -> str:
+  """`tasks.register_chat_task` for gin, with the vocabulary's folder (e.g. an imported
+  MODEL_DIR): registers the task and returns its name (`MIXTURE_OR_TASK_NAME = @chat_task()`)."""
+  from polyglot_jax.data import tasks  # pylint: disable=g-import-not-at-top  (tasks imports chat)
+  tasks.register_chat_task(name, data, _vocabulary_at(vocabulary), file_format=file_format,
+                           field_map=field_map, default_language=default_language, strict=strict)
+  return name
 
 
 class _WeightedLMFeatureConverter(seqio.FeatureConverter):

@@ -14,8 +14,8 @@ rates (alpha 0.3, by ISO 639-3 language): `udhr_span_corruption_mix`, `udhr_lm_m
 
 Every example keeps its language code as a "language" string feature next to the tokens, for
 per-language evaluation; feature converters drop it when packing. `register_aya_task` registers a
-user's own Aya-format files the same way, and `register_chat_task` (gin: `chat_task`) a user's
-chat files (conversations rendered with a checkpoint's chat template, see `chat`).
+user's own Aya-format files the same way, and `register_chat_task` (gin: `chat.chat_task`) a
+user's chat files (conversations rendered with a checkpoint's chat template, see `chat`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
-import gin
 import seqio
 import tensorflow as tf
 
@@ -229,28 +228,6 @@ def register_chat_task(
   )
   chat.check_chat_template(vocabulary)
   return _register(name, source, _CHAT_CHAINS[strict], ("targets",), vocabulary, add_eos=False)
-
-
-@functools.cache
-def _vocabulary_at(path: str) -> seqio.Vocabulary:
-  return get_vocabulary(path)
-
-
-@gin.configurable
-def chat_task(
-    name: str = gin.REQUIRED,
-    data: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
-    vocabulary: str = gin.REQUIRED,
-    file_format: str | None = None,
-    field_map: Mapping[str, str] | None = None,
-    default_language: str | None = None,
-    strict: bool = False,
-) -> str:
-  """`register_chat_task` for gin, with the vocabulary's folder (e.g. an imported MODEL_DIR):
-  registers the task and returns its name (`MIXTURE_OR_TASK_NAME = @chat_task()`)."""
-  register_chat_task(name, data, _vocabulary_at(vocabulary), file_format=file_format,
-                     field_map=field_map, default_language=default_language, strict=strict)
-  return name
 
 
 register_udhr_tasks()
