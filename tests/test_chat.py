@@ -9,6 +9,7 @@ assistant text with `{% generation %}`) for the loss weights.
 from __future__ import annotations
 
 import json
+import shutil
 
 import gin
 import pyarrow as pa
@@ -19,7 +20,7 @@ import transformers
 from test_hf_vocab import folders  # noqa: F401  (the module-scoped tokenizer folders fixture)
 
 from polyglot_jax import gin_setup
-from polyglot_jax.data import aya, chat, hf_vocab, quality, tasks
+from polyglot_jax.data import chat, hf_vocab, quality, tasks, vocab
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches
 from polyglot_jax.data.udhr import udhr_records
 
@@ -77,7 +78,7 @@ def _write(path, records) -> str:
 
 
 def test_chat_task_packs_conversations_with_assistant_only_weights(vocabularies, tmp_path):
-  vocab = vocabularies["cohere"]
+  tokenizer = vocabularies["cohere"]
   # Token id 0 (here <PAD>) is a token like any other: seqio's own packing would cut it off.
   zeros = [{"role": "user", "content": "Echo <PAD>"},
            {"role": "assistant", "content": "<PAD> x <PAD>"}]
@@ -85,15 +86,18 @@ def test_chat_task_packs_conversations_with_assistant_only_weights(vocabularies,
   records = [{"messages": m, "language": "mul"} for m in dialogs]
   records.append({"inputs": "Say hi.", "targets": "Hi!", "language": "eng"})  # an Aya pair
   task = tasks.register_chat_task("chat_test", {"train": _write(tmp_path / "c.jsonl", records)},
-                                  vocab)
+                                  tokenizer)
   assert task.output_features["targets"].add_eos is False
   dialogs.append([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}])
-  expected = [chat.encode_chat(vocab, m) for m in dialogs]
+  expected = [chat.encode_chat(tokenizer, m) for m in dialogs]
   assert sum(ids.count(0) for ids, _ in expected) == 3
   expected = {tuple(ids[1:]): weights[1:] for ids, weights in expected}  # BOS left to the converter
-  assert all(ids[0] != vocab.bos_id for ids in expected)
+  assert all(ids[0] != tokenizer.bos_id for ids in expected)
   length = max(map(len, expected)) + 10
-  converter = lambda pack: chat.ChatFeatureConverter(pack=pack, bos_id=vocab.bos_id)  # noqa
+
+  def converter(pack: bool) -> chat.ChatFeatureConverter:
+    return chat.ChatFeatureConverter(pack=pack, bos_id=tokenizer.bos_id)
+
   ds = get_dataset(DatasetConfig("chat_test", {"targets": length}, "train", 2, shuffle=False,
                                  num_data_shards=1), converter, num_epochs=1)
   seen = 0
@@ -104,7 +108,8 @@ def test_chat_task_packs_conversations_with_assistant_only_weights(vocabularies,
         where = segments == segment
         targets = tuple(batch["decoder_target_tokens"][row][where])
         assert batch["decoder_loss_weights"][row][where].tolist() == expected[targets]
-        assert batch["decoder_input_tokens"][row][where].tolist() == [vocab.bos_id, *targets[:-1]]
+        inputs = batch["decoder_input_tokens"][row][where].tolist()
+        assert inputs == [tokenizer.bos_id, *targets[:-1]]
         assert batch["decoder_positions"][row][where].tolist() == list(range(len(targets)))
         seen += 1
       assert not batch["decoder_loss_weights"][row][segments == 0].any()
@@ -124,7 +129,7 @@ def test_chat_task_packs_conversations_with_assistant_only_weights(vocabularies,
 
 
 def test_bad_records_are_dropped_and_counted_or_refused(vocabularies, tmp_path):
-  vocab = vocabularies["cohere"]
+  tokenizer = vocabularies["cohere"]
   good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
           "language": "eng"}
   records = [
@@ -140,7 +145,7 @@ def test_bad_records_are_dropped_and_counted_or_refused(vocabularies, tmp_path):
   ]
   path = _write(tmp_path / "bad.jsonl", records)
   quality.reset_dropped()
-  task = tasks.register_chat_task("chat_bad", {"train": path}, vocab)
+  task = tasks.register_chat_task("chat_bad", {"train": path}, tokenizer)
   examples = list(task.get_dataset({"targets": 64}, "train", shuffle=False).as_numpy_iterator())
   assert len(examples) == 1
   dropped = quality.dropped_metrics()
@@ -149,7 +154,7 @@ def test_bad_records_are_dropped_and_counted_or_refused(vocabularies, tmp_path):
                        (records[2], "no assistant turn"),
                        (records[4], "messages is not a list of turns")]:
     one = _write(tmp_path / "s.jsonl", [bad])
-    strict = tasks.register_chat_task("chat_strict", {"train": one}, vocab, strict=True)
+    strict = tasks.register_chat_task("chat_strict", {"train": one}, tokenizer, strict=True)
     with pytest.raises(quality.BadInputError, match=message) as error:
       list(strict.source.examples([one], "train"))
     assert len(str(error.value).splitlines()) == 1
@@ -161,21 +166,26 @@ def test_templates_that_cannot_serve_are_one_line_errors(folders, tmp_path):  # 
       ("{% for m in messages %}{{ m['content'] }", "does not compile"),
       ("{{ raise_exception('no chat here') }}", "fails to render: no chat here"),
       ("{{ messages[-1]['content'] }}", "does not render conversations turn by turn")]:
-    vocab = hf_vocab.HFVocabulary(folders["cohere"], chat_template=template)
+    tokenizer = hf_vocab.HFVocabulary(folders["cohere"], chat_template=template)
     with pytest.raises(ValueError, match=message) as error:
-      tasks.register_chat_task("chat_broken", {"train": path}, vocab)
+      tasks.register_chat_task("chat_broken", {"train": path}, tokenizer)
     assert len(str(error.value).splitlines()) == 1
-  no_template = hf_vocab.HFVocabulary(folders["cohere"])
-  no_template._chat_template = None  # pylint: disable=protected-access  (a folder without one)
-  with pytest.raises(ValueError, match="has no chat template"):
-    tasks.register_chat_task("chat_broken", {"train": path}, no_template)
+  bare = tmp_path / "no_template"
+  bare.mkdir()
+  shutil.copy(f"{folders['cohere']}/tokenizer.json", bare)
+  (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|END_OF_TURN_TOKEN|>"}))
+  for vocabulary, message in [(hf_vocab.HFVocabulary(bare), "has no chat template"),
+                              (vocab.get_vocabulary(), "not a SentencePieceVocabulary")]:
+    with pytest.raises(ValueError, match=message) as error:
+      tasks.register_chat_task("chat_broken", {"train": path}, vocabulary)
+    assert len(str(error.value).splitlines()) == 1
   pq.write_table(pa.table({"text": ["a"]}), tmp_path / "x.parquet")
   with pytest.raises(ValueError, match=r"x.parquet has no column \['messages', 'language'\]"):
     tasks.register_chat_task("chat_broken", {"train": str(tmp_path / "x.parquet")},
                              hf_vocab.HFVocabulary(folders["cohere"]))
 
 
-def test_sft_gin_registers_the_chat_task_and_the_weighted_converter(folders, tmp_path):  # noqa
+def test_sft_gin_registers_the_chat_task_and_the_converter(folders, tmp_path):  # noqa: F811
   path = _write(tmp_path / "c.jsonl", [{"messages": m, "language": "mul"} for m in conversations()])
   gin.clear_config()
   try:

@@ -337,7 +337,7 @@ def make_source(
     columns = file_columns(path, fmt)
     if columns is None:
       continue
-    missing = min(([c for c in alternative + language if c not in columns] for alternative in texts),
+    missing = min(([c for c in option + language if c not in columns] for option in texts),
                   key=len)
     if missing:
       raise ValueError(

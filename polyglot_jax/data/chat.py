@@ -41,6 +41,7 @@ import seqio
 import tensorflow as tf
 
 from polyglot_jax.data import quality, vocab
+from polyglot_jax.data.hf_vocab import HFVocabulary
 
 LOSS_WEIGHTS = "targets_loss_weights"  # per-token loss weights of chat tasks, aligned with targets
 # A conversation every chat template must render, turn by turn (checked at registration).
@@ -126,15 +127,18 @@ def render(template: str, messages: Messages, special_tokens: Mapping[str, str],
 
 
 def _template(vocabulary: seqio.Vocabulary) -> str:
-  template = getattr(vocabulary, "chat_template", None)
-  if not template:
+  """The vocabulary's chat template; a one-line error when it has none."""
+  if not isinstance(vocabulary, HFVocabulary):
+    raise ValueError(f"chat data needs a Hugging Face tokenizer with a chat template "
+                     f"(vocab.get_vocabulary(folder)), not a {type(vocabulary).__name__}")
+  if not vocabulary.chat_template:
     raise ValueError(f"{vocabulary!r} has no chat template: chat data needs a Hugging Face "
                      "tokenizer folder with one (tokenizer_config.json's chat_template or "
                      "chat_template.jinja), or HFVocabulary(path, chat_template=...)")
-  return template
+  return vocabulary.chat_template
 
 
-def encode_chat(vocabulary: seqio.Vocabulary, messages: Messages,
+def encode_chat(vocabulary: HFVocabulary, messages: Messages,
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
   """(ids, loss weights) of a conversation (see the module docstring).
 
@@ -297,7 +301,8 @@ class ChatFeatureConverter(seqio.DecoderFeatureConverter):
     if LOSS_WEIGHTS not in ds.element_spec:
       ds = ds.map(lambda x: {**x, LOSS_WEIGHTS: tf.ones_like(x["targets"])},
                   num_parallel_calls=tf.data.AUTOTUNE)
-    return self._weighted(ds, {**task_feature_lengths, LOSS_WEIGHTS: task_feature_lengths["targets"]})
+    lengths = {**task_feature_lengths, LOSS_WEIGHTS: task_feature_lengths["targets"]}
+    return self._weighted(ds, lengths)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
                                 ) -> dict[str, int]:

@@ -132,8 +132,8 @@ def check_vocabulary(vocabulary: seqio.Vocabulary, vocab_size: int,
   """
   if vocabulary.vocab_size > vocab_size:
     raise ValueError(
-        f"the vocabulary {vocabulary!r} has {vocabulary.vocab_size} ids but the model's "
-        f"vocab_size is {vocab_size}: use the tokenizer that came with the checkpoint")
+        f"the vocabulary has {vocabulary.vocab_size} ids but the model's vocab_size is "
+        f"{vocab_size}: use the tokenizer that came with the checkpoint")
   if vocabulary.eos_id not in tuple(eos_token_ids):
     raise ValueError(
         f"the vocabulary's EOS id {vocabulary.eos_id} is not one of the model's eos_token_ids "

@@ -188,8 +188,9 @@ class BaseTransformerModel(abc.ABC):
     Greedy by default. `decoder_params` (see `decoding.DecoderParams`): `temperature`, `top_k`,
     `top_p` sample with `rng`; `beam_size` and `alpha` select beam search; `num_decodes` decodes
     per input; `use_cache=False` recomputes the prefix every step. Each row stops at the first of
-    `config.eos_token_ids` and is filled with `config.pad_token_id` after it. With `return_all_decodes` the outputs are [batch, num_decodes,
-    max_decode_len] and [batch, num_decodes], best first; otherwise the best one. Jit-able.
+    `config.eos_token_ids` and is filled with `config.pad_token_id` after it. With
+    `return_all_decodes` the outputs are [batch, num_decodes, max_decode_len] and
+    [batch, num_decodes], best first; otherwise the best one. Jit-able.
     """
     settings = decoding.DecoderParams.parse(decoder_params)
     start = self.decoding_start(params, batch, settings.use_cache, prompt_with_targets)
