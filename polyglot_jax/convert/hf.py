@@ -7,7 +7,10 @@ Import reads a local directory of safetensors (one file, or shards listed by
 `model.safetensors.index.json`) tensor by tensor: onto the host (`load_hf_checkpoint`), or
 straight into a device mesh (`load_hf_params_sharded`: each device's block of each tensor is read
 on its own, so no host ever holds the model). Export writes `model.safetensors` and a
-`config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it.
+`config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it;
+given the imported config.json, every field the model does not determine keeps its value.
+Token ids (EOS, one or several; pad; BOS / decoder start) map both ways, import preferring
+`generation_config.json`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from polyglot_jax.models.config import TransformerConfig
 _ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu", "silu": "silu",
                 "swish": "silu"}
 _T5_FAMILY = ("t5", "mt5", "umt5")
-GENERATION_CONFIG = "generation_config.json"
 _DECODER_FAMILY = ("llama", "cohere")
+GENERATION_CONFIG = "generation_config.json"  # `generate`'s defaults: its EOS ids win on import
 
 
 def _activation(hf_name: str) -> str:

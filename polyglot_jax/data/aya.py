@@ -260,12 +260,14 @@ class ChatFileSource(AyaFileSource):
 
   def _messages(self, raw: Mapping[str, Any], where: str) -> list[dict[str, str]] | None:
     value = raw.get(self._columns["messages"])
-    if value is None:
-      turns = [(role, self._text(raw, field, where))
-               for role, field in (("user", "inputs"), ("assistant", "targets"))]
-      if any(text is None for _, text in turns):
-        return None
-      return [{"role": role, "content": text} for role, text in turns]
+    if value is None:  # an Aya pair
+      pair = []
+      for role, field in (("user", "inputs"), ("assistant", "targets")):
+        text = self._text(raw, field, where)
+        if text is None:
+          return None
+        pair.append({"role": role, "content": text})
+      return pair
     turns = _turns(value)
     if not turns or not all(isinstance(t, Mapping) for t in turns):
       quality.drop("malformed", self._name, f"{where} (messages is not a list of turns)",
