@@ -128,6 +128,31 @@ def test_chat_task_packs_conversations_with_assistant_only_weights(vocabularies,
   assert row["decoder_loss_weights"].sum() == (row["decoder_target_tokens"] != 0).sum()
 
 
+def test_prompt_tasks_feed_what_transformers_generates_from(  # noqa: F811
+    folders, vocabularies, tmp_path):
+  tokenizer = vocabularies["llama3"]
+  theirs = transformers.AutoTokenizer.from_pretrained(folders["llama3"])
+  dialogs = conversations()
+  path = _write(tmp_path / "p.jsonl", [{"messages": m, "language": "mul"} for m in dialogs])
+  task = tasks.register_chat_task("chat_prompts", {"validation": path}, tokenizer, prompts=True)
+  lengths = {"inputs": 1024, "targets": 512}
+  batch = next(iterate_batches(get_dataset(
+      DatasetConfig("chat_prompts", lengths, "validation", len(dialogs), shuffle=False,
+                    pack=False),
+      lambda pack: chat.ChatFeatureConverter(pack=pack, bos_id=tokenizer.bos_id))))
+  assert set(task.output_features) == {"inputs", "targets"}
+  for row, messages in enumerate(dialogs):
+    prompt = theirs.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]
+    # What `infer` decodes from (BOS, prompt: where decoder_causal_attention is 1) is exactly
+    # what one gives `generate`; the target is the reply and its end of turn.
+    causal = batch["decoder_causal_attention"][row] == 1
+    assert batch["decoder_input_tokens"][row][causal].tolist() == prompt
+    reply = batch["decoder_target_tokens"][row][batch["decoder_loss_weights"][row] == 1]
+    assert tokenizer.decode(reply.tolist()) == messages[-1]["content"]
+    assert reply[-1] == tokenizer.eos_id
+
+
 def test_bad_records_are_dropped_and_counted_or_refused(vocabularies, tmp_path):
   tokenizer = vocabularies["cohere"]
   good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],

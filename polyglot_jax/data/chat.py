@@ -174,35 +174,64 @@ def check_chat_template(vocabulary: seqio.Vocabulary) -> None:
     raise ValueError(f"{vocabulary!r}: {error} (on a user/assistant conversation)") from None
 
 
+def encode_prompt(vocabulary: HFVocabulary, messages: Messages) -> tuple[list[int], list[int]]:
+  """(prompt ids, reply ids) of a conversation ending with an assistant turn, for decoding.
+
+  The prompt is every turn before the reply with the generation prompt, the ids of
+  `apply_chat_template(messages[:-1], add_generation_prompt=True)` (what one feeds `generate`);
+  the reply is the tokens of the whole conversation that follow the prompt's text (the last
+  turn's content and end-of-turn tokens).
+  """
+  if not messages or messages[-1]["role"] != "assistant":
+    raise ChatTemplateError("the conversation does not end with an assistant turn to predict")
+  template, tokens = _template(vocabulary), vocabulary.special_tokens
+  prompt = render(template, messages[:-1], tokens, add_generation_prompt=True)
+  text = render(template, messages, tokens)
+  if not text.startswith(prompt):
+    raise ChatTemplateError("the chat template does not render conversations turn by turn (the "
+                            "prompt is not a prefix of the conversation)")
+  encoding = vocabulary.tokenizer.encode(text, add_special_tokens=False)
+  reply = [i for i, (start, _) in zip(encoding.ids, encoding.offsets) if start >= len(prompt)]
+  return vocabulary.tokenizer.encode(prompt, add_special_tokens=False).ids, reply
+
+
 def tokenize_chat(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
                   source: str = "chat data", strict: bool = False) -> tf.data.Dataset:
-  """seqio preprocessor: "messages" (JSON) -> "targets" ids and `LOSS_WEIGHTS`, other features
-  kept. A leading BOS is dropped (the feature converter starts decoder inputs with it); a
-  conversation the template refuses is dropped and counted as malformed (or raises if strict).
+  """seqio preprocessor: "messages" (JSON) -> ids, other features kept.
+
+  With a "targets" feature only (training): "targets" = the conversation's ids and
+  `LOSS_WEIGHTS` (`encode_chat`). With "inputs" too (decoding, `infer`, generation metrics):
+  "inputs" = the prompt, "targets" = the last (assistant) turn (`encode_prompt`). A leading BOS
+  is dropped (the feature converter starts decoder inputs with it). A conversation the template
+  refuses is dropped and counted as malformed (or raises if strict).
   """
   vocabulary = output_features["targets"].vocabulary
   check_chat_template(vocabulary)
-  empty = np.zeros([0], np.int32)
+  prompts = "inputs" in output_features
+  names = ("inputs", "targets") if prompts else ("targets", LOSS_WEIGHTS)
 
   def encode(messages: bytes, language: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
-      ids, weights = encode_chat(vocabulary, json.loads(messages))
+      first, second = (encode_prompt if prompts else encode_chat)(vocabulary,
+                                                                   json.loads(messages))
     except ChatTemplateError as error:
       quality.drop("malformed", source, f"language {language.decode()!r} ({error})", strict)
-      return empty, empty
-    skip = int(bool(ids) and ids[0] == vocabulary.bos_id)
-    return np.array(ids[skip:], np.int32), np.array(weights[skip:], np.int32)
+      return np.zeros([0], np.int32), np.zeros([0], np.int32)
+    skip = int(bool(first) and first[0] == vocabulary.bos_id)
+    if not prompts:  # ids and their weights: both lose the BOS
+      second = second[skip:]
+    return np.array(first[skip:], np.int32), np.array(second, np.int32)
 
   def convert(x: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    ids, weights = tf.numpy_function(encode, [x["messages"], x["language"]],
-                                     (tf.int32, tf.int32), stateful=True)
-    ids.set_shape([None])
-    weights.set_shape([None])
-    return {**{k: v for k, v in x.items() if k != "messages"}, "targets": ids,
-            LOSS_WEIGHTS: weights}
+    first, second = tf.numpy_function(encode, [x["messages"], x["language"]],
+                                      (tf.int32, tf.int32), stateful=True)
+    first.set_shape([None])
+    second.set_shape([None])
+    return {**{k: v for k, v in x.items() if k != "messages"}, names[0]: first,
+            names[1]: second}
 
   return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE).filter(
-      lambda x: tf.size(x["targets"]) > 0)
+      lambda x: tf.size(x[names[0]]) > 0)
 
 
 @functools.cache
@@ -219,12 +248,14 @@ def chat_task(
     field_map: Mapping[str, str] | None = None,
     default_language: str | None = None,
     strict: bool = False,
+    prompts: bool = False,
 ) -> str:
   """`tasks.register_chat_task` for gin, with the vocabulary's folder (e.g. an imported
   MODEL_DIR): registers the task and returns its name (`MIXTURE_OR_TASK_NAME = @chat_task()`)."""
   from polyglot_jax.data import tasks  # pylint: disable=g-import-not-at-top  (tasks imports chat)
   tasks.register_chat_task(name, data, _vocabulary_at(vocabulary), file_format=file_format,
-                           field_map=field_map, default_language=default_language, strict=strict)
+                           field_map=field_map, default_language=default_language, strict=strict,
+                           prompts=prompts)
   return name
 
 

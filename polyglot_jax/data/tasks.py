@@ -213,21 +213,25 @@ def register_chat_task(
     default_language: str | None = None,
     only_language: str | None = None,
     strict: bool = False,
+    prompts: bool = False,
 ) -> seqio.Task:
   """Registers a chat task over your files: "messages" conversations (or Aya inputs/targets).
 
   `vocabulary` is the checkpoint's Hugging Face tokenizer with its chat template
   (`vocab.get_vocabulary(folder)`). Examples are "targets" (the rendered conversation's ids,
   without the leading BOS) and `chat.LOSS_WEIGHTS` (1 on the assistant turns): train them with
-  `chat.ChatFeatureConverter` (runs/sft.gin). Bad records and conversations longer than the
-  targets length are dropped and counted (`strict=True` raises); a template that cannot render a
+  `chat.ChatFeatureConverter` (runs/sft.gin). With `prompts`, for decoding (`infer`, generation
+  metrics), they are "inputs" (every turn before the last, with the generation prompt) and
+  "targets" (the last, assistant turn). Bad records and conversations longer than the feature
+  lengths are dropped and counted (`strict=True` raises); a template that cannot render a
   conversation turn by turn is a one-line ValueError here. Other arguments: `aya.make_source`.
   """
   source = aya.make_source(
       name, data, file_format, field_map, default_language, only_language, strict, chat=True
   )
   chat.check_chat_template(vocabulary)
-  return _register(name, source, _CHAT_CHAINS[strict], ("targets",), vocabulary, add_eos=False)
+  features = ("inputs", "targets") if prompts else ("targets",)
+  return _register(name, source, _CHAT_CHAINS[strict], features, vocabulary, add_eos=False)
 
 
 register_udhr_tasks()
