@@ -21,7 +21,9 @@ into "targets" ids and `LOSS_WEIGHTS`; the leading BOS is left to the feature co
 `bos_id` is the model's `bos_token_id`, so that decoder inputs are exactly the ids
 `transformers` feeds. `ChatFeatureConverter` (bind it as the decoder-only model's
 `feature_converter_cls`, as runs/sft.gin does) makes those weights the `decoder_loss_weights`,
-packed with the targets and segment ids.
+packed with the targets and segment ids. Prompt tasks (`register_chat_task(..., prompts=True)`)
+get "inputs" (the generation prompt, `encode_prompt`) and "targets" (the last reply) instead, for
+decoding. `chat_task` is the gin form of the registration.
 """
 
 from __future__ import annotations
