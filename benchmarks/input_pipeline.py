@@ -19,6 +19,10 @@ Reported per task or mixture:
   headroom              steps_per_second / --train_steps_per_second (the quickstart train step
                         runs about 1 step/s on 2 CPU cores); the issue asks for at least 5x
 
+`--vocabulary=PATH` re-registers the bundled tasks with another vocabulary first (a SentencePiece
+model, or a Hugging Face tokenizer folder: `vocab.get_vocabulary`), e.g. to time a checkpoint's
+`tokenizer.json`.
+
 Run (CPU; TF uses all cores it may):
   .venv/bin/python benchmarks/input_pipeline.py --json=/tmp/input_pipeline.json
 """
@@ -35,6 +39,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import seqio  # noqa: E402
 
+from polyglot_jax.data import tasks, vocab  # noqa: E402
 from polyglot_jax.data.pipeline import DatasetConfig, get_dataset, iterate_batches  # noqa: E402
 
 
@@ -78,13 +83,17 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=300)
   parser.add_argument("--train_steps_per_second", type=float, default=1.0,
                       help="what the train step consumes, for the headroom column")
+  parser.add_argument("--vocabulary", help="tokenize with this vocabulary (default: bundled)")
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args()
+  if args.vocabulary:
+    tasks.register_udhr_tasks(vocab.get_vocabulary(args.vocabulary, extra_ids=0))
   lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
   rows = [measure(name, lengths, args.batch_size, args.warmup, args.batches,
                   args.train_steps_per_second, args.hosts) for name in args.names.split(",")]
   print(f"{os.cpu_count()} CPUs visible; lengths {lengths}, batch {args.batch_size}, "
-        f"host 0 of {args.hosts}, {args.batches} timed batches")
+        f"host 0 of {args.hosts}, {args.batches} timed batches, vocabulary "
+        f"{args.vocabulary or 'bundled'}")
   header = ("name", "startup_s", "steps_per_second", "examples_per_second", "tokens_per_second",
             "slot_tokens_per_second", "headroom")
   print("  ".join(f"{h:>22}" for h in header))

@@ -16,10 +16,11 @@ import pytest
 from test_models import COHERE, T5, _abstract_params, _model, _params, _restack
 
 from polyglot_jax.models import decoding
-from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel
 from polyglot_jax.parallel import partitioning
+
+EOS_ID = TransformerConfig().eos_token_ids[0]  # the configs' default (seqio/T5)
 
 # Llama-like: RoPE on halves, GQA, SwiGLU, RMSNorm, untied logits.
 LLAMA = TransformerConfig(vocab_size=32, emb_dim=16, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -149,6 +150,25 @@ def test_filter_logits_nucleus_and_top_k():
   np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [0, 0, 1, 1]])
   kept = np.isfinite(decoding.filter_logits(logits, 3, 0.95))
   np.testing.assert_array_equal(kept, [[1, 1, 1, 0], [0, 1, 1, 1]])
+
+
+def _chain_logits(tokens):
+  """A fake model: the next token is the current one + 2, except 4 -> 9 and 7 -> 1 -> 12."""
+  nxt = jnp.select([tokens == 4, tokens == 7, tokens == 1], [9, 1, 12], tokens + 2)  # [b, l]
+  return jax.nn.one_hot(nxt, 32) * 20.0  # [batch, length, vocab]
+
+
+@pytest.mark.parametrize("settings", [decoding.DecoderParams(),
+                                      decoding.DecoderParams(temperature=0.5),
+                                      decoding.DecoderParams(beam_size=2, alpha=0.0)],
+                         ids=["greedy", "sampling", "beam_search"])
+def test_rows_end_at_any_eos_id_and_are_filled_with_the_pad_id(settings):
+  # EOS ids 9 and 12 (not seqio's 1, which is an ordinary token here), pad id 3.
+  prompt = jnp.array([[0, 0, 0, 0, 0, 0], [0, 5, 0, 0, 0, 0], [0, 13, 0, 0, 0, 0]])
+  start = decoding.recompute_step(_chain_logits, prompt, jnp.array([0, 1, 1]), (9, 12), 3)
+  tokens, _ = jax.jit(lambda rng: decoding.decode(start, rng, settings))(jax.random.key(0))
+  np.testing.assert_array_equal(tokens[:, 0], [[2, 4, 9, 3, 3, 3], [7, 1, 12, 3, 3, 3],
+                                               [15, 17, 19, 21, 23, 3]])
 
 
 def _brute_force(params, batch, config, length, alpha):

@@ -45,7 +45,7 @@ REQUIRED_MACROS = [
     "MIXTURE_OR_TASK_NAME='udhr_span_corruption'",
     "TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
     "TRAIN_STEPS=1", "MODEL_DIR='/tmp/unused'", "INITIAL_CHECKPOINT_PATH='/tmp/unused'",
-    "PRUNING_RATIO=0.5",
+    "PRUNING_RATIO=0.5", "CHAT_DATA={'train': '/tmp/unused'}", "VOCABULARY='/tmp/unused'",
 ]
 ENTRY_POINTS = {"train": TrainConfig, "evaluate": evaluate.evaluate, "infer": infer.infer}
 

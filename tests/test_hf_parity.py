@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -20,9 +21,8 @@ import torch
 import transformers
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from polyglot_jax.convert import hf
+from polyglot_jax.convert import checkpoint, hf
 from polyglot_jax.data import vocab
-from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.decoder import DecoderOnly
 from polyglot_jax.models.encoder_decoder import EncoderDecoder
@@ -212,6 +212,38 @@ def test_export_loads_in_transformers_with_the_same_logits(name, config_cls, ext
   jax.tree.map(np.testing.assert_array_equal, params_back, params)
 
 
+def test_export_keeps_the_imported_config_fields(tmp_path):
+  # A Llama as real checkpoints ship it: long context, several EOS ids, no pad id, its BOS,
+  # fields equal to transformers' defaults, and one transformers does not know.
+  model, _ = _random_hf_model(transformers.LlamaConfig, max_position_embeddings=8192,
+                              eos_token_id=[2, 7], pad_token_id=None, bos_token_id=3,
+                              attention_dropout=0.0, custom_field="kept")
+  hf_dir, ours, back = tmp_path / "hf", tmp_path / "ours", tmp_path / "back"
+  model.save_pretrained(str(hf_dir))
+  checkpoint.import_hf(str(hf_dir), str(ours))
+  config = hf.read_hf_config(str(hf_dir))
+  assert (config.eos_token_ids, config.pad_token_id, config.bos_token_id) == ((2, 7), 2, 3)
+  checkpoint.export_hf(str(ours), str(back))
+  gin.clear_config()
+  original, exported = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
+  for key, value in original.items():
+    if key != "transformers_version":
+      assert exported[key] == value, key
+  assert (back / "generation_config.json").read_text() == (
+      hf_dir / "generation_config.json").read_text()
+  reloaded = transformers.AutoConfig.from_pretrained(str(back))
+  assert (reloaded.max_position_embeddings, reloaded.eos_token_id, reloaded.pad_token_id) == (
+      8192, [2, 7], None)
+  # A field the model does change is written anew: here the weights' dtype.
+  gin.clear_config()
+  try:
+    checkpoint.export_hf(str(ours), str(tmp_path / "bf16"),
+                         gin_bindings=["TransformerConfig.param_dtype='bfloat16'"])
+  finally:
+    gin.clear_config()
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_sharded_checkpoint_import_and_bad_tensor_message(tmp_path):
   model, _ = _random_hf_model(transformers.LlamaConfig)
   model.save_pretrained(str(tmp_path), max_shard_size="20KB")
@@ -234,22 +266,24 @@ def test_sharded_checkpoint_import_and_bad_tensor_message(tmp_path):
 
 
 def test_vocabulary_loads_from_the_checkpoint_directory(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no spiece.model or tokenizer.model"):
+  with pytest.raises(FileNotFoundError, match="no spiece.model, tokenizer.model or tokenizer.json"):
     hf.load_hf_vocabulary(str(tmp_path))
   (tmp_path / "spiece.model").write_bytes(open(vocab.DEFAULT_VOCAB_PATH, "rb").read())
   assert hf.load_hf_vocabulary(str(tmp_path), extra_ids=100).vocab_size == 8100
 
 
-def _boost_eos(model: torch.nn.Module) -> None:
-  """Makes EOS likelier (in both frameworks alike) so that generation stops inside the test."""
+def _boost(model: torch.nn.Module, factors: dict[int, float]) -> None:
+  """Scales the output embedding rows of some tokens (in both frameworks alike), e.g. to make
+  EOS likelier so that generation stops inside the test."""
   with torch.no_grad():
-    model.get_output_embeddings().weight[EOS_ID] *= 3.0
+    for token, factor in factors.items():
+      model.get_output_embeddings().weight[token] *= factor
 
 
 @pytest.mark.parametrize("config_cls", [transformers.MT5Config, transformers.T5Config])
 def test_greedy_generation_matches_transformers_encoder_decoder(config_cls):
   model, _ = _random_hf_model(config_cls)
-  _boost_eos(model)
+  _boost(model, {model.config.eos_token_id: 3.0})
   config = hf.config_from_hf(model.config)
   params = hf.params_from_hf(_prepare(model), config)
   length = 8
@@ -265,23 +299,60 @@ def test_greedy_generation_matches_transformers_encoder_decoder(config_cls):
   np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("config_cls", [transformers.LlamaConfig, transformers.CohereConfig])
-def test_greedy_generation_matches_transformers_decoder_only(config_cls):
-  model, _ = _random_hf_model(config_cls, eos_token_id=EOS_ID, bos_token_id=2)
-  _boost_eos(model)
+# Real EOS ids (not seqio's 1), one or several, pad id given or not (then HF pads with the first
+# EOS); token 1 is made likely too, so a decoder stopping at id 1 would fail. `decoder_params` of
+# ours and the `generate` arguments that must agree with them: greedy, sampling from the top 1,
+# beam search without length penalty (T5X's search considers finished beams among all 2k
+# candidates, HF's only among the top k: they agree on these models, not on every model).
+GENERATION_CASES = [
+    ("llama_eos_2", transformers.LlamaConfig, dict(eos_token_id=2, pad_token_id=0),
+     {1: 3.0, 2: 2.5}),
+    ("llama_eos_2_7", transformers.LlamaConfig, dict(eos_token_id=[2, 7], pad_token_id=None),
+     {1: 3.0, 2: 2.0, 7: 2.5}),
+    ("cohere_eos_100", transformers.CohereConfig, dict(eos_token_id=100, pad_token_id=0),
+     {1: 3.0, 100: 2.5}),
+]
+DECODERS = [
+    ("greedy", {}, dict(do_sample=False, num_beams=1)),
+    ("sample_top_1", {"temperature": 1.0, "top_k": 1}, dict(do_sample=True, top_k=1, num_beams=1)),
+    ("beam_3", {"beam_size": 3, "alpha": 0.0}, dict(do_sample=False, num_beams=3,
+                                                     length_penalty=0.0)),
+]
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES, ids=[c[0] for c in GENERATION_CASES])
+def test_generation_stops_where_transformers_does(case):
+  name, config_cls, token_ids, boosts = case
+  model, _ = _random_hf_model(config_cls, bos_token_id=3, **token_ids)
+  _boost(model, boosts)
   config = hf.config_from_hf(model.config)
+  eos = token_ids["eos_token_id"]
+  assert config.eos_token_ids == tuple(eos if isinstance(eos, list) else [eos])
+  assert config.pad_token_id == (config.eos_token_ids[0] if token_ids["pad_token_id"] is None
+                                 else token_ids["pad_token_id"])
   params = hf.params_from_hf(_prepare(model), config)
-  prompts, new_tokens = [[5, 17, 9, 33, 2], [7, 4, 21]], 6
+  prompts, new_tokens = [[5, 17, 9, 33, 3], [7, 4, 21], [11, 3, 8, 40, 41, 42], [1, 60, 61]], 10
   width = max(map(len, prompts))
   left = np.array([[0] * (width - len(p)) + p for p in prompts])  # HF: left-padded
-  with torch.no_grad():
-    theirs = model.generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(left > 0),
-                            do_sample=False, num_beams=1, max_new_tokens=new_tokens,
-                            pad_token_id=0).numpy()[:, width:]
   length = width + new_tokens - 1  # the longest prompt can emit `new_tokens`
   buffer = np.array([p + [0] * (length - len(p)) for p in prompts], np.int32)  # ours: right
-  causal = (buffer > 0).astype(np.int32)
+  causal = (np.arange(length)[None] < np.array([[len(p)] for p in prompts])).astype(np.int32)
   batch = {"decoder_input_tokens": buffer, "decoder_causal_attention": causal}
-  ours = jax.jit(DecoderOnlyModel(config).predict_batch)(params, batch)[:, :new_tokens]
-  theirs = np.pad(theirs, ((0, 0), (0, new_tokens - theirs.shape[1])))
-  np.testing.assert_array_equal(ours, theirs)
+  model_ours = DecoderOnlyModel(config)
+  stopped_after_a_1 = False
+  for decoder, ours_params, theirs_args in DECODERS:
+    if decoder == "beam_3" and config_cls is transformers.CohereConfig:
+      continue  # the two searches differ on this model (see GENERATION_CASES)
+    with torch.no_grad():
+      theirs = model.generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(left > 0),
+                              max_new_tokens=new_tokens, **theirs_args).numpy()[:, width:]
+    predict = jax.jit(lambda p, b, rng, settings=ours_params: model_ours.predict_batch(
+        p, b, rng, settings))
+    ours = predict(params, batch, jax.random.key(0))[:, :new_tokens]
+    for row, (mine, reference) in enumerate(zip(np.asarray(ours), theirs)):
+      is_eos = np.isin(reference, config.eos_token_ids)
+      end = int(np.argmax(is_eos)) + 1 if is_eos.any() else new_tokens
+      assert mine[:end].tolist() == reference[:end].tolist(), (name, decoder, row)
+      assert (mine[end:] == config.pad_token_id).all(), (name, decoder, row)
+      stopped_after_a_1 |= 1 in reference[:end - 1] and is_eos.any()
+  assert stopped_after_a_1  # a decoder stopping at id 1 would have stopped early

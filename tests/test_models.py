@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from polyglot_jax.models import decoding
-from polyglot_jax.models.decoding import EOS_ID
 from polyglot_jax.models import layers
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import DecoderOnlyModel, EncoderDecoderModel
 
+EOS_ID = TransformerConfig().eos_token_ids[0]  # seqio/T5's EOS, the configs' default
 # T5.1.1-like: relative bias, gated-GELU, untied logits.
 T5 = TransformerConfig(vocab_size=32, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                        num_encoder_layers=2, num_decoder_layers=2,
@@ -297,7 +297,7 @@ def _toy_logits(tokens):
 def test_decode_loop_stops_at_eos_and_pads():
   prompt = jnp.array([[0, 0, 0, 0, 0, 0], [0, 5, 0, 0, 0, 0]])  # row 1's prompt is (0, 5)
   start = jnp.array([0, 1])
-  toy = decoding.recompute_step(_toy_logits, prompt, start)
+  toy = decoding.recompute_step(_toy_logits, prompt, start, (EOS_ID,), 0)
   out, scores = decoding.sample(toy, None, decoding.DecoderParams())
   # Row 0 stops at EOS and is 0-padded; row 1 never emits EOS and fills length - start tokens.
   np.testing.assert_array_equal(out, [[2, 4, EOS_ID, 0, 0, 0], [7, 9, 11, 13, 15, 0]])

@@ -55,7 +55,8 @@ def _guard_gin_file_readers() -> None:
 GIN_MODULES = (
     "polyglot_jax.models.config", "polyglot_jax.models.model",
     "polyglot_jax.parallel.partitioning",
-    "polyglot_jax.data.pipeline", "polyglot_jax.data.pruning",
+    "polyglot_jax.data.pipeline", "polyglot_jax.data.pruning", "polyglot_jax.data.chat",
+    "polyglot_jax.data.tasks",
     "polyglot_jax.training.optimizers", "polyglot_jax.training.schedules",
     "polyglot_jax.training.setup", "polyglot_jax.training.preference",
     "polyglot_jax.training.merging",

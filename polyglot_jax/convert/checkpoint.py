@@ -6,11 +6,15 @@
 Import writes into MODEL_DIR
   checkpoints/0/   the parameters (an orbax checkpoint of a params-only state at step 0), read
                    tensor block by tensor block straight into an FSDP mesh over all devices
-  model.gin        the architecture: MODEL and every TransformerConfig field, used in place of
-                   a gin/models/ file (ACTIVATION_DTYPE and DROPOUT_RATE stay macros)
-  the tokenizer    spiece.model / tokenizer.model (SentencePiece, for `vocab.get_vocabulary`)
-                   and HF's tokenizer files, copied
-  hf_config.json   HF's config.json, so that export restores its model type and token ids
+  model.gin        the architecture: MODEL and every TransformerConfig field (the checkpoint's
+                   EOS, pad and BOS ids included), used in place of a gin/models/ file
+                   (ACTIVATION_DTYPE and DROPOUT_RATE stay macros)
+  the tokenizer    spiece.model / tokenizer.model (SentencePiece) or tokenizer.json (HF
+                   tokenizers) with tokenizer_config.json, special_tokens_map.json and the chat
+                   template, copied: `vocab.get_vocabulary(MODEL_DIR)` reads them (a
+                   tokenizer.json that does not fit the model is refused: `vocab.check_vocabulary`)
+  generation_config.json, when the checkpoint has one (its EOS ids are the ones decoding uses)
+  hf_config.json   HF's config.json, so that export restores every field it does not change
 `eval` and `infer` read such a MODEL_DIR as it is; `train` starts from it through
 runs/finetune.gin (INITIAL_CHECKPOINT_PATH=MODEL_DIR/checkpoints, a new MODEL_DIR).
 Export restores MODEL_DIR's latest (or `step`) parameters for the model its gin files describe
@@ -32,6 +36,7 @@ import optax
 
 from polyglot_jax.commands import gin_setup
 from polyglot_jax.convert import hf
+from polyglot_jax.data import hf_vocab, vocab
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.model import BaseTransformerModel, DecoderOnlyModel, EncoderDecoderModel
 from polyglot_jax.parallel.partitioning import MeshConfig, Partitioner
@@ -40,9 +45,9 @@ from polyglot_jax.training.rundir import RunDir
 
 MODEL_GIN = "model.gin"
 HF_CONFIG = "hf_config.json"
-TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+# Copied both ways next to the weights: the tokenizer, its chat template, generation defaults.
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja", hf.GENERATION_CONFIG)
 # Parameters split along `embed` over every device: no device holds a whole tensor.
 IMPORT_MESH = MeshConfig(data=1, fsdp=-1, rules="fsdp")
 _MACROS = {"dtype": "ACTIVATION_DTYPE", "dropout_rate": "DROPOUT_RATE"}
@@ -97,12 +102,16 @@ def import_hf(hf_dir: str, model_dir: str, **overrides: Any) -> str:
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} already holds checkpoints; convert into a new "
                           "--model_dir.")
+  names = os.listdir(hf_dir)
+  if any(n in vocab.SENTENCEPIECE_FILES for n in names):
+    hf.load_hf_vocabulary(hf_dir)  # An unreadable SentencePiece model fails here, not later.
+  elif hf_vocab.TOKENIZER_FILE in names:  # and a tokenizer.json that does not fit the model
+    vocab.check_vocabulary(hf.load_hf_vocabulary(hf_dir), config.vocab_size,
+                           config.eos_token_ids, config.bos_token_id)
   partitioner = Partitioner(IMPORT_MESH)
   spec = train_state.params_spec(model_for(config), partitioner)
   params = hf.load_hf_params_sharded(hf_dir, config, spec.shardings.params)
   os.makedirs(model_dir, exist_ok=True)
-  if any(n in ("spiece.model", "tokenizer.model") for n in os.listdir(hf_dir)):
-    hf.load_hf_vocabulary(hf_dir)  # An unreadable SentencePiece model fails here, not later.
   state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  opt_state=optax.EmptyState())
   checkpointer = checkpoints.Checkpointer(directory, period=1, keep=None, async_save=False)
@@ -115,6 +124,14 @@ def import_hf(hf_dir: str, model_dir: str, **overrides: Any) -> str:
   count = train_state.param_count(spec.abstract.params)
   return (f"Converted {hf_dir} ({count:,} parameters) into {model_dir}: checkpoints/0, "
           f"{MODEL_GIN}, {HF_CONFIG}" + "".join(f", {n}" for n in copied) + ".")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """The JSON object in `path`, or {} when there is no such file."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def model_gin_files(model_dir: str, gin_files: Sequence[str]) -> list[str]:
@@ -135,18 +152,18 @@ def export_hf(model_dir: str, hf_dir: str, gin_files: Sequence[str] = (),
   """Writes MODEL_DIR's parameters as a transformers checkpoint in `hf_dir`; returns a summary.
 
   `model_type` ("t5", "mt5", "umt5", "llama", "cohere") picks the HF class, see
-  `hf.config_to_hf`; by default it and the token ids come from the imported hf_config.json when
-  MODEL_DIR has one.
+  `hf.config_to_hf`; by default it comes from the imported hf_config.json when MODEL_DIR has
+  one, and so does every config field the model does not determine (`hf.config_to_hf`'s
+  `base`), e.g. `max_position_embeddings`.
   """
   model = gin_model(model_gin_files(model_dir, gin_files), gin_bindings)
   params, _ = checkpoints.load_params(model, model_dir, Partitioner(IMPORT_MESH), step)
-  imported: dict[str, Any] = {}
-  if os.path.exists(os.path.join(model_dir, HF_CONFIG)):
-    with open(os.path.join(model_dir, HF_CONFIG), encoding="utf-8") as f:
-      imported = json.load(f)
-  token_ids = {k: imported[k] for k in TOKEN_ID_FIELDS if imported.get(k) is not None}
-  hf.save_hf_checkpoint(hf_dir, params, model.config, model_type or imported.get("model_type"),
-                        **token_ids)
+  imported, generation = (_read_json(os.path.join(model_dir, name))
+                          for name in (HF_CONFIG, hf.GENERATION_CONFIG))
+  model_type = model_type or imported.get("model_type")
+  same_type = imported.get("model_type") == model_type
+  hf.save_hf_checkpoint(hf_dir, params, model.config, model_type,
+                        base=imported if same_type else None, generation=generation)
   copied = _copy_tokenizer(model_dir, hf_dir)
   return (f"Exported {model_dir} to {hf_dir}: model.safetensors, config.json"
           + "".join(f", {n}" for n in copied) + ".")

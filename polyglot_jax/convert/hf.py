@@ -7,7 +7,10 @@ Import reads a local directory of safetensors (one file, or shards listed by
 `model.safetensors.index.json`) tensor by tensor: onto the host (`load_hf_checkpoint`), or
 straight into a device mesh (`load_hf_params_sharded`: each device's block of each tensor is read
 on its own, so no host ever holds the model). Export writes `model.safetensors` and a
-`config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it.
+`config.json` made by transformers' own config classes, so `AutoModel*.from_pretrained` loads it;
+given the imported config.json, every field the model does not determine keeps its value.
+Token ids (EOS, one or several; pad; BOS / decoder start) map both ways, import preferring
+`generation_config.json`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ _ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu",
                 "swish": "silu"}
 _T5_FAMILY = ("t5", "mt5", "umt5")
 _DECODER_FAMILY = ("llama", "cohere")
+GENERATION_CONFIG = "generation_config.json"  # `generate`'s defaults: its EOS ids win on import
 
 
 def _activation(hf_name: str) -> str:
@@ -43,11 +47,37 @@ def _activation(hf_name: str) -> str:
   return _ACTIVATIONS[hf_name]
 
 
-def config_from_hf(hf_config: Any, **overrides: Any) -> TransformerConfig:
+def _special_ids(hf_config: Any, generation: Mapping[str, Any]) -> dict[str, Any]:
+  """Our token id fields from an HF config and its generation config (which `generate` uses).
+
+  EOS may be one id or a list. Without a pad id, outputs are padded with the first EOS, as
+  `generate` does; the first decoder input is T5's `decoder_start_token_id` or a decoder's BOS.
+  """
+
+  def pick(name: str) -> Any:
+    value = generation.get(name)
+    return getattr(hf_config, name, None) if value is None else value
+
+  eos = pick("eos_token_id")
+  eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+  if not eos_ids:
+    raise ValueError(f"HF {hf_config.model_type} config has no eos_token_id; add it to "
+                     "config.json (or generation_config.json).")
+  pad = pick("pad_token_id")
+  pad = eos_ids[0] if pad is None else pad
+  bos = pick("decoder_start_token_id" if hf_config.model_type in _T5_FAMILY else "bos_token_id")
+  return dict(eos_token_ids=tuple(map(int, eos_ids)), pad_token_id=int(pad),
+              bos_token_id=int(pad if bos is None else bos))
+
+
+def config_from_hf(hf_config: Any, generation: Mapping[str, Any] | None = None,
+                   **overrides: Any) -> TransformerConfig:
   """TransformerConfig equivalent to a T5/MT5/UMT5/Llama/Cohere HF config.
 
   Args:
     hf_config: a `transformers` config object.
+    generation: the checkpoint's `generation_config.json` fields, if any: its EOS, pad and BOS
+      ids take precedence (they are what `transformers.generate` stops at).
     **overrides: TransformerConfig fields to set on top (dtype, scan_layers, remat_policy, ...).
   """
   model_type = hf_config.model_type
@@ -112,6 +142,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> TransformerConfig:
   else:
     raise ValueError(f"HF model_type {model_type!r} is not supported; use one of "
                      f"{_T5_FAMILY + _DECODER_FAMILY}.")
+  fields.update(_special_ids(hf_config, generation or {}))
   fields.update(overrides)
   return TransformerConfig(**fields)
 
@@ -342,35 +373,27 @@ def _require(ok: bool, model_type: str, what: str) -> None:
     raise ValueError(f"Cannot export to HF {model_type!r}: {what}.")
 
 
-def config_to_hf(config: TransformerConfig, model_type: str | None = None,
-                 **hf_overrides: Any) -> transformers.PretrainedConfig:
-  """The transformers config of `config`: the inverse of `config_from_hf`.
+def _default_model_type(cfg: TransformerConfig) -> str:
+  if cfg.num_encoder_layers:
+    return "umt5" if cfg.per_layer_relative_bias else "t5"
+  return "cohere" if cfg.parallel_block else "llama"
 
-  Args:
-    config: our architecture.
-    model_type: "t5", "mt5", "umt5", "llama" or "cohere"; default "t5"/"umt5" for
-      encoder-decoders (mT5 is T5.1.1 with another vocabulary: say "mt5"), "cohere" for parallel
-      blocks, else "llama".
-    **hf_overrides: extra config fields, e.g. token ids (defaults: pad 0, EOS 1, as seqio).
-  """
-  cfg = config
-  encoder_decoder = cfg.num_encoder_layers > 0
-  if model_type is None:
-    if encoder_decoder:
-      model_type = "umt5" if cfg.per_layer_relative_bias else "t5"
-    else:
-      model_type = "cohere" if cfg.parallel_block else "llama"
+
+def _hf_fields(cfg: TransformerConfig, model_type: str) -> dict[str, Any]:
+  """The HF config fields that `cfg` determines for `model_type` (the rest keep their value)."""
   if model_type not in _HF_CLASSES:
     raise ValueError(f"model_type={model_type!r}: use one of {sorted(_HF_CLASSES)}.")
-  config_cls, architecture = _HF_CLASSES[model_type]
+  encoder_decoder = cfg.num_encoder_layers > 0
   activation, *gate = cfg.mlp_activations
   _require(activation in _HF_ACTIVATIONS and gate in ([], ["linear"]), model_type,
            f"mlp_activations={cfg.mlp_activations}")
   _require((model_type in _T5_FAMILY) == encoder_decoder, model_type,
            f"num_encoder_layers={cfg.num_encoder_layers}")
-  fields: dict[str, Any] = dict(vocab_size=cfg.vocab_size, pad_token_id=0, eos_token_id=1,
+  eos = cfg.eos_token_ids
+  fields: dict[str, Any] = dict(vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_token_id,
+                                eos_token_id=eos[0] if len(eos) == 1 else list(eos),
                                 tie_word_embeddings=cfg.logits_via_embedding,
-                                architectures=[architecture])
+                                architectures=[_HF_CLASSES[model_type][1]])
   if encoder_decoder:
     _require(cfg.position_embedding == "relative" and cfg.norm_type == "rms"
              and not cfg.scale_attention and cfg.kv_heads == cfg.num_heads
@@ -389,7 +412,7 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None,
         relative_attention_max_distance=cfg.relative_attention_max_distance,
         dropout_rate=cfg.dropout_rate, layer_norm_epsilon=cfg.norm_epsilon,
         feed_forward_proj=f"gated-{hf_activation}" if gate else hf_activation,
-        decoder_start_token_id=0)
+        decoder_start_token_id=cfg.bos_token_id)
   else:
     cohere = model_type == "cohere"
     _require(cfg.position_embedding == "rope" and cfg.scale_attention and gate
@@ -403,21 +426,71 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None,
         hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.kv_heads, hidden_act=_HF_ACTIVATIONS[activation],
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        bos_token_id=cfg.bos_token_id)
     if cohere:
       fields.update(layer_norm_eps=cfg.norm_epsilon, logit_scale=cfg.logit_scale)
     else:
       fields.update(head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_epsilon)
+  return fields
+
+
+# Keys of an imported config.json that export never copies: transformers writes or derives them
+# (`torch_dtype` is the old name of `dtype`).
+_NOT_COPIED = ("model_type", "transformers_version", "architectures", "_name_or_path",
+               "torch_dtype")
+
+
+def config_to_hf(config: TransformerConfig, model_type: str | None = None,
+                 base: Mapping[str, Any] | None = None,
+                 generation: Mapping[str, Any] | None = None,
+                 **hf_overrides: Any) -> transformers.PretrainedConfig:
+  """The transformers config of `config`: the inverse of `config_from_hf`.
+
+  Args:
+    config: our architecture.
+    model_type: "t5", "mt5", "umt5", "llama" or "cohere"; default "t5"/"umt5" for
+      encoder-decoders (mT5 is T5.1.1 with another vocabulary: say "mt5"), "cohere" for parallel
+      blocks, else "llama".
+    base: the imported checkpoint's config.json: every field `config` does not change keeps its
+      value (e.g. `max_position_embeddings`, a pad id of None), the others are `config`'s.
+    generation: the imported generation_config.json, which `base`'s token ids were read with.
+    **hf_overrides: extra config fields, set last.
+  """
+  model_type = model_type or _default_model_type(config)
+  fields = _hf_fields(config, model_type)
+  config_cls = _HF_CLASSES[model_type][0]
+  if base:
+    kept = {k: v for k, v in base.items() if k not in _NOT_COPIED}
+    # What the imported config itself maps to: a field we derive the same way is unchanged.
+    imported = _hf_fields(config_from_hf(config_cls(**kept), generation), model_type)
+    fields = {**kept, **{k: kept[k] if k in kept and imported.get(k) == v else v
+                         for k, v in fields.items()}}
+  fields["dtype"] = config.param_dtype  # the dtype of the weights written
   fields.update(hf_overrides)
   return config_cls(**fields)
 
 
 def save_hf_checkpoint(directory: str, params: Mapping[str, Any], config: TransformerConfig,
-                       model_type: str | None = None, **hf_overrides: Any) -> None:
-  """Writes `model.safetensors` and `config.json` (see `config_to_hf`) into `directory`."""
-  hf_config = config_to_hf(config, model_type, **hf_overrides)
+                       model_type: str | None = None, base: Mapping[str, Any] | None = None,
+                       generation: Mapping[str, Any] | None = None,
+                       **hf_overrides: Any) -> None:
+  """Writes `model.safetensors` and `config.json` (see `config_to_hf`) into `directory`.
+
+  config.json holds every field of `base` too, also those equal to transformers' defaults
+  (which `save_pretrained` leaves out), for readers of the raw file.
+  """
+  hf_config = config_to_hf(config, model_type, base, generation, **hf_overrides)
   os.makedirs(directory, exist_ok=True)
   hf_config.save_pretrained(directory)
+  path = os.path.join(directory, "config.json")
+  with open(path, encoding="utf-8") as f:
+    written = json.load(f)
+  every = hf_config.to_dict()
+  written.update({k: every[k] for k in base or {} if k not in written and k in every})
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(written, f, indent=2, sort_keys=True)
+    f.write("\n")
   safetensors.numpy.save_file(params_to_hf(params, config),
                               os.path.join(directory, "model.safetensors"),
                               metadata={"format": "pt"})
@@ -476,11 +549,17 @@ class SafetensorsDirectory(Mapping[str, np.ndarray]):
 
 
 def read_hf_config(directory: str, **overrides: Any) -> TransformerConfig:
-  """The TransformerConfig of the HF checkpoint in a local directory (its `config.json`)."""
+  """The TransformerConfig of the HF checkpoint in a local directory: its `config.json`, with
+  the token ids of `generation_config.json` when there is one."""
   if not os.path.exists(os.path.join(directory, "config.json")):
     raise FileNotFoundError(f"{directory}: no config.json; point at a Hugging Face checkpoint "
                             "directory (config.json and safetensors).")
-  return config_from_hf(transformers.AutoConfig.from_pretrained(directory), **overrides)
+  generation: dict[str, Any] = {}
+  if os.path.exists(os.path.join(directory, GENERATION_CONFIG)):
+    with open(os.path.join(directory, GENERATION_CONFIG), encoding="utf-8") as f:
+      generation = json.load(f)
+  return config_from_hf(transformers.AutoConfig.from_pretrained(directory), generation,
+                        **overrides)
 
 
 def load_hf_checkpoint(directory: str,
@@ -562,13 +641,10 @@ def load_hf_params_sharded(directory: str, config: TransformerConfig, shardings:
   return params
 
 
-def load_hf_vocabulary(directory: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
-  """The SentencePiece vocabulary next to the weights: `spiece.model` (T5/mT5/umT5) or
-  `tokenizer.model` (Llama). HF's T5 tokenizer appends 100 sentinels to `spiece.model`: pass
-  `extra_ids=100` for T5.1.1 (mT5's model already holds them). Cohere ships a BPE
-  `tokenizer.json`, which seqio cannot read."""
-  for name in ("spiece.model", "tokenizer.model"):
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-      return vocab.get_vocabulary(path, extra_ids=extra_ids)
-  raise FileNotFoundError(f"{directory}: no spiece.model or tokenizer.model (SentencePiece).")
+def load_hf_vocabulary(directory: str, extra_ids: int = 0) -> seqio.Vocabulary:
+  """The vocabulary next to the weights (`vocab.get_vocabulary` of the directory): SentencePiece
+  `spiece.model` (T5/mT5/umT5) or `tokenizer.model` (Llama 2) when there is one, else the
+  `tokenizer.json` of HF tokenizers (Cohere, Llama 3) as an `hf_vocab.HFVocabulary`. HF's T5
+  tokenizer appends 100 sentinels to `spiece.model`: pass `extra_ids=100` for T5.1.1 (mT5's
+  model already holds them)."""
+  return vocab.get_vocabulary(directory, extra_ids=extra_ids)

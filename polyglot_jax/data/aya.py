@@ -9,7 +9,13 @@ unknown `field_map` key, a TFDS data dir without the split) are one-line errors 
 registered. A TFDS data dir is a prepared dataset's version folder (it holds dataset_info.json);
 the task's split names are its TFDS split names.
 
-Register a task with `tasks.register_aya_task`; this module only reads.
+Chat files (`ChatFileSource`) hold conversations: "messages", a list of {"role", "content"}
+turns (a JSON string in TFRecords), or Aya "inputs"/"targets" pairs, read as one user turn and
+one assistant turn. A conversation with a role outside `ROLES` or without an assistant turn is a
+malformed record (dropped and counted, or an error in strict mode).
+
+Register a task with `tasks.register_aya_task` or `tasks.register_chat_task`; this module only
+reads.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from polyglot_jax.data.instructions import AYA_FIELDS
 
 FORMATS = ("jsonl", "parquet", "tfrecord", "tfds")
 FIELDS = ("inputs", "targets", "language")  # what the tasks keep; "language" drives mixing
+CHAT_FIELDS = ("messages", "language")  # what chat tasks keep: "messages" as JSON
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render
 
 
 def detect_format(path: str) -> str:
@@ -138,6 +146,9 @@ class AyaFileSource(seqio.DataSource):
   `shuffle`, the file order is permuted (seeded); the Task's shuffle buffer mixes examples.
   """
 
+  OUTPUT_FIELDS = FIELDS  # the examples' features
+  COLUMNS = FIELDS  # the record fields read (before `field_map`)
+
   def __init__(
       self,
       name: str,
@@ -152,7 +163,7 @@ class AyaFileSource(seqio.DataSource):
     self._name = name
     self._split_paths = {k: list(v) for k, v in split_paths.items()}
     self._format = file_format
-    self._columns = {f: field_map.get(f, f) for f in FIELDS}
+    self._columns = {f: field_map.get(f, f) for f in self.COLUMNS}
     self._default_language = default_language
     self._only_language = only_language
     self._strict = strict
@@ -174,6 +185,23 @@ class AyaFileSource(seqio.DataSource):
       return _tfds(path, split)
     return _tfrecord(path)
 
+  def _text(self, raw: Mapping[str, Any], field: str, where: str) -> str | None:
+    """The clean text of a field (None: dropped); "language" falls back to the default."""
+    value = raw.get(self._columns[field])
+    if value is None and field == "language":
+      value = self._default_language
+    return quality.clean_text(value, field, self._name, where, self._strict)
+
+  def _example(self, raw: Mapping[str, Any], where: str) -> dict[str, str] | None:
+    """The example of a record, or None when it is dropped."""
+    example: dict[str, str] = {}
+    for field in self.OUTPUT_FIELDS:
+      text = self._text(raw, field, where)
+      if text is None:
+        return None
+      example[field] = text
+    return example
+
   def examples(self, paths: Sequence[str], split: str) -> Iterator[dict[str, str]]:
     """Clean examples of `paths` in order; bad ones are counted (or raise when strict)."""
     for path in paths:
@@ -181,18 +209,10 @@ class AyaFileSource(seqio.DataSource):
         if isinstance(raw, str):
           quality.drop(raw, self._name, where, self._strict)
           continue
-        example: dict[str, str] = {}
-        for field, column in self._columns.items():
-          value = raw.get(column)
-          if value is None and field == "language":
-            value = self._default_language
-          text = quality.clean_text(value, field, self._name, where, self._strict)
-          if text is None:
-            break
-          example[field] = text
-        else:
-          if self._only_language is None or example["language"] == self._only_language:
-            yield example
+        example = self._example(raw, where)
+        if example is not None and (self._only_language is None
+                                    or example["language"] == self._only_language):
+          yield example
 
   def get_dataset(
       self,
@@ -209,8 +229,75 @@ class AyaFileSource(seqio.DataSource):
       paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
     return tf.data.Dataset.from_generator(
         lambda: self.examples(paths, split),
-        output_signature={f: tf.TensorSpec([], tf.string) for f in FIELDS},
+        output_signature={f: tf.TensorSpec([], tf.string) for f in self.OUTPUT_FIELDS},
     )
+
+
+def _turns(value: Any) -> list[Any] | None:
+  """A "messages" value as a list: a list, JSON text of one, or TFDS's dict of sequences."""
+  if isinstance(value, bytes):
+    value = value.decode("utf-8")
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError:
+      return None
+  if isinstance(value, Mapping) and set(value) >= {"role", "content"}:
+    value = [dict(zip(value, turn)) for turn in zip(*value.values())]
+  return list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+
+
+class ChatFileSource(AyaFileSource):
+  """A seqio DataSource over chat files: {"messages" (JSON), "language"} string examples.
+
+  Records hold "messages" or Aya "inputs"/"targets" (one user and one assistant turn); the
+  messages are validated (see the module docstring) and written back as a JSON list of
+  {"role", "content"} with clean UTF-8 texts.
+  """
+
+  OUTPUT_FIELDS = CHAT_FIELDS
+  COLUMNS = ("messages", "inputs", "targets", "language")
+
+  def _messages(self, raw: Mapping[str, Any], where: str) -> list[dict[str, str]] | None:
+    value = raw.get(self._columns["messages"])
+    if value is None:  # an Aya pair
+      pair = []
+      for role, field in (("user", "inputs"), ("assistant", "targets")):
+        text = self._text(raw, field, where)
+        if text is None:
+          return None
+        pair.append({"role": role, "content": text})
+      return pair
+    turns = _turns(value)
+    if not turns or not all(isinstance(t, Mapping) for t in turns):
+      quality.drop("malformed", self._name, f"{where} (messages is not a list of turns)",
+                   self._strict)
+      return None
+    messages = []
+    for i, turn in enumerate(turns):
+      role = turn.get("role")
+      role = role.decode("utf-8", "replace") if isinstance(role, bytes) else role
+      if role not in ROLES:
+        quality.drop("malformed", self._name, f"{where} (messages[{i}] has role {role!r}, not "
+                     f"one of {', '.join(ROLES)})", self._strict)
+        return None
+      content = quality.clean_text(turn.get("content"), f"messages[{i}].content", self._name,
+                                   where, self._strict)
+      if content is None:
+        return None
+      messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+      quality.drop("malformed", self._name, f"{where} (no assistant turn: nothing to learn)",
+                   self._strict)
+      return None
+    return messages
+
+  def _example(self, raw: Mapping[str, Any], where: str) -> dict[str, str] | None:
+    messages = self._messages(raw, where)
+    language = None if messages is None else self._text(raw, "language", where)
+    if language is None:
+      return None
+    return {"messages": json.dumps(messages, ensure_ascii=False), "language": language}
 
 
 def make_source(
@@ -221,16 +308,19 @@ def make_source(
     default_language: str | None = None,
     only_language: str | None = None,
     strict: bool = False,
+    chat: bool = False,
 ) -> AyaFileSource:
   """Validates the arguments and the files' schemas (one-line errors) and builds the source.
 
-  `data` maps split names to a path, glob or list of them. `field_map` maps Aya field names to
-  the files' own column names, e.g. {"language": "language_code"}.
+  `data` maps split names to a path, glob or list of them. `field_map` maps Aya field names (and
+  "messages") to the files' own column names, e.g. {"language": "language_code"}. With `chat`,
+  a `ChatFileSource`: the files need "messages" or "inputs" and "targets".
   """
   field_map = dict(field_map or {})
-  unknown = sorted(set(field_map) - set(AYA_FIELDS))
+  known = AYA_FIELDS + (("messages",) if chat else ())
+  unknown = sorted(set(field_map) - set(known))
   if unknown:
-    raise ValueError(f"{name}: field_map keys {unknown} are not Aya fields {list(AYA_FIELDS)}")
+    raise ValueError(f"{name}: field_map keys {unknown} are not Aya fields {list(known)}")
   if file_format is not None and file_format not in FORMATS:
     raise ValueError(f"{name}: unknown file_format {file_format!r}; expected one of {FORMATS}")
   split_paths = {split: resolve_paths(spec) for split, spec in data.items()}
@@ -238,19 +328,26 @@ def make_source(
   if len(formats) != 1:
     raise ValueError(f"{name}: files of several formats {sorted(formats)}; register one per format")
   fmt = formats.pop()
-  required = [field_map.get(f, f) for f in FIELDS if not (f == "language" and default_language)]
+  pair = [field_map.get("inputs", "inputs"), field_map.get("targets", "targets")]
+  # Alternatives of required columns: every column of one of them must be present.
+  texts = [[field_map.get("messages", "messages")], pair] if chat else [pair]
+  language = [] if default_language else [field_map.get("language", "language")]
   for split, path in ((s, p) for s, ps in split_paths.items() for p in ps):
     if fmt == "tfds" and split not in _tfds_builder(path).info.splits:
       raise ValueError(f"{name}: TFDS data dir {path} has no split {split!r} (splits: "
                        f"{sorted(_tfds_builder(path).info.splits)}); name the task's splits so")
     columns = file_columns(path, fmt)
-    missing = [c for c in required if columns is not None and c not in columns]
+    if columns is None:
+      continue
+    missing = min(([c for c in option + language if c not in columns] for option in texts),
+                  key=len)
     if missing:
       raise ValueError(
           f"{name}: {path} has no column {missing} (columns: {columns}); map yours with "
           "field_map= or set default_language="
       )
-  return AyaFileSource(
+  source_cls = ChatFileSource if chat else AyaFileSource
+  return source_cls(
       name, split_paths, fmt, field_map, default_language, only_language, strict
   )
 

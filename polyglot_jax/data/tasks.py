@@ -17,7 +17,8 @@ rates (alpha 0.3, by ISO 639-3 language): `udhr_span_corruption_mix`, `udhr_lm_m
 
 Every example keeps its language code as a "language" string feature next to the tokens, for
 per-language evaluation; feature converters drop it when packing. `register_aya_task` registers a
-user's own Aya-format files the same way.
+user's own Aya-format files the same way, and `register_chat_task` (gin: `chat.chat_task`) a
+user's chat files (conversations rendered with a checkpoint's chat template, see `chat`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
+import gin
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data import aya, mixing, preference, preprocessors, quality
+from polyglot_jax.data import aya, chat, mixing, preference, preprocessors, quality
 from polyglot_jax.data.instructions import dialog_records, translation_records
 from polyglot_jax.data.mixing import Columns, MemorySource
 from polyglot_jax.data.udhr import SPLIT_ARTICLES, load_udhr, udhr_records
@@ -62,6 +64,12 @@ _INSTRUCTION_CHAINS = {
     for strict in (False, True)
 }
 _INSTRUCTION_FEATURES = ("inputs", "targets")
+# Chat: the template writes every special token (no EOS added); over-long conversations dropped.
+_CHAT_CHAINS = {
+    strict: (functools.partial(chat.tokenize_chat, strict=strict), seqio.CacheDatasetPlaceholder(),
+             functools.partial(quality.filter_overlength, source="chat data", strict=strict))
+    for strict in (False, True)
+}
 
 
 @functools.cache
@@ -122,6 +130,7 @@ def _register(
     chain: Sequence[Callable[..., tf.data.Dataset]],
     feature_names: Sequence[str],
     vocabulary: seqio.Vocabulary,
+    add_eos: bool = True,
 ) -> seqio.Task:
   """(Re-)registers one task; every task of this package goes through here."""
   seqio.TaskRegistry.remove(name)
@@ -129,7 +138,7 @@ def _register(
       name,
       source=source,
       preprocessors=list(chain),
-      output_features={k: seqio.Feature(vocabulary, add_eos=True) for k in feature_names},
+      output_features={k: seqio.Feature(vocabulary, add_eos=add_eos) for k in feature_names},
   )
 
 
@@ -209,6 +218,56 @@ def register_aya_task(
   )
   return _register(name, source, _INSTRUCTION_CHAINS[strict], _INSTRUCTION_FEATURES,
                    vocabulary or get_vocabulary())
+
+
+def register_chat_task(
+    name: str,
+    data: Mapping[str, str | Sequence[str]],
+    vocabulary: seqio.Vocabulary,
+    *,
+    file_format: str | None = None,
+    field_map: Mapping[str, str] | None = None,
+    default_language: str | None = None,
+    only_language: str | None = None,
+    strict: bool = False,
+    prompts: bool = False,
+) -> seqio.Task:
+  """Registers a chat task over your files: "messages" conversations (or Aya inputs/targets).
+
+  `vocabulary` is the checkpoint's Hugging Face tokenizer with its chat template
+  (`vocab.get_vocabulary(folder)`). Examples are "targets" (the rendered conversation's ids,
+  without the leading BOS) and `chat.LOSS_WEIGHTS` (1 on the assistant turns): train them with
+  `chat.ChatFeatureConverter` (runs/sft.gin). With `prompts`, for decoding (`infer`, generation
+  metrics), they are "inputs" (every turn before the last, with the generation prompt) and
+  "targets" (the last, assistant turn). Bad records and conversations longer than the feature
+  lengths are dropped and counted (`strict=True` raises); a template that cannot render a
+  conversation turn by turn is a one-line ValueError here. Other arguments: `aya.make_source`.
+  """
+  source = aya.make_source(
+      name, data, file_format, field_map, default_language, only_language, strict, chat=True
+  )
+  chat.check_chat_template(vocabulary)
+  features = ("inputs", "targets") if prompts else ("targets",)
+  return _register(name, source, _CHAT_CHAINS[strict], features, vocabulary, add_eos=False)
+
+
+@gin.configurable
+def chat_task(
+    name: str = gin.REQUIRED,
+    data: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
+    vocabulary: str = gin.REQUIRED,
+    file_format: str | None = None,
+    field_map: Mapping[str, str] | None = None,
+    default_language: str | None = None,
+    strict: bool = False,
+    prompts: bool = False,
+) -> str:
+  """`register_chat_task` for gin, with the vocabulary's folder (e.g. an imported MODEL_DIR):
+  registers the task and returns its name (`MIXTURE_OR_TASK_NAME = @chat_task()`)."""
+  register_chat_task(name, data, get_vocabulary(vocabulary), file_format=file_format,
+                     field_map=field_map, default_language=default_language, strict=strict,
+                     prompts=prompts)
+  return name
 
 
 @functools.cache

@@ -139,6 +139,11 @@ class TransformerConfig:
 
   Attributes:
     vocab_size: rows of the token embedding (mT5: 250112, umT5: 256384).
+    eos_token_ids: the ids that end a sequence: decoding stops at the first of them (HF configs
+      may list several, e.g. Llama 3 instruct's end of text and end of turn).
+    pad_token_id: fills decoded outputs after the end, as `transformers.generate` does.
+    bos_token_id: the first decoder input token (seqio feature converters' `bos_id`): T5's 0,
+      or the checkpoint's BOS, so decoder inputs are the ids `transformers` feeds.
     emb_dim: model width, `d_model`.
     num_heads: query heads.
     num_kv_heads: key/value heads for grouped-query attention; None means `num_heads`.
@@ -172,6 +177,10 @@ class TransformerConfig:
   """
 
   vocab_size: int = 32128
+  # Special token ids: seqio/T5's by default, the checkpoint's after `convert --from_hf`.
+  eos_token_ids: tuple[int, ...] = (1,)
+  pad_token_id: int = 0
+  bos_token_id: int = 0
   emb_dim: int = 512
   num_heads: int = 8
   num_kv_heads: int | None = None
@@ -202,6 +211,12 @@ class TransformerConfig:
   adapters: AdapterConfig | None = None
 
   def __post_init__(self) -> None:
+    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # gin/JSON give lists
+    special = (*self.eos_token_ids, self.pad_token_id, self.bos_token_id)
+    if not self.eos_token_ids or not all(0 <= i < self.vocab_size for i in special):
+      raise ValueError(f"eos_token_ids={self.eos_token_ids}, pad_token_id={self.pad_token_id} and "
+                       f"bos_token_id={self.bos_token_id} must be ids in [0, vocab_size="
+                       f"{self.vocab_size}), with at least one EOS.")
     kv = self.kv_heads
     if self.num_heads % kv:
       raise ValueError(

@@ -5,8 +5,10 @@ prompt, a decoding state, and a `step_fn` that feeds one token per row and retur
 logits and state. `models/model.py` builds the state from the Flax 'cache' collection (KV cache,
 one token per step); `recompute_step` builds it from the token buffer instead (every step re-runs
 the whole prefix: the reference for tests and the baseline of `benchmarks/decode.py`). Outputs
-follow T5X: each row's tokens left-aligned in a [batch, length] buffer, 0-padded after EOS.
-Everything is jit-compilable; loops are `lax.while_loop`s bounded by the buffer length.
+follow T5X: each row's tokens left-aligned in a [batch, length] buffer. A row ends at the first of
+the model's EOS ids (`TransformerConfig.eos_token_ids`: one or several, as HF configs allow) or
+at its length limit, and is filled with the model's pad id after that, as `transformers.generate`
+does. Everything is jit-compilable; loops are `lax.while_loop`s bounded by the buffer length.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ Array = jax.Array
 State = Any
 StepFn = Callable[[Array, State], tuple[Array, State]]
 
-EOS_ID = 1  # seqio/T5 vocabularies: 0 = padding (and decoder BOS), 1 = EOS.
 NEG_INF = -1.0e7  # T5X's finite "minus infinity" for beam scores: arithmetic on it stays NaN-free.
 
 
@@ -37,6 +38,8 @@ class DecodingStart:
       and `num_decodes` repeat and reorder rows of the state).
     limits: [batch] the most tokens each row may emit (buffer length minus prompt length + 1).
     length: width of the output buffer.
+    eos_ids: the token ids that end a row (the model's `eos_token_ids`).
+    pad_id: the id that fills a row after its end (the model's `pad_token_id`).
   """
 
   step_fn: StepFn
@@ -45,6 +48,12 @@ class DecodingStart:
   state_axes: Any
   limits: Array
   length: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+
+  def is_eos(self, tokens: Array) -> Array:
+    """Whether each token is one of the EOS ids (same shape as `tokens`)."""
+    return jnp.isin(tokens, jnp.asarray(self.eos_ids, tokens.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,26 +94,29 @@ class DecoderParams:
     return settings
 
 
-def recompute_step(logits_fn: Callable[[Array], Array], tokens: Array,
-                   start: Array) -> DecodingStart:
+def recompute_step(logits_fn: Callable[[Array], Array], tokens: Array, start: Array,
+                   eos_ids: tuple[int, ...], pad_id: int) -> DecodingStart:
   """A cache-free `DecodingStart`: each step writes the token into the buffer and re-runs it all.
 
   Args:
     logits_fn: [batch, length] decoder input tokens -> [batch, length, vocab] logits.
-    tokens: [batch, length] decoder inputs holding each row's prompt (at least the 0 BOS).
+    tokens: [batch, length] decoder inputs holding each row's prompt (at least the BOS).
     start: [batch] position of each row's last prompt token (prompt length - 1).
+    eos_ids: the ids that end a row.
+    pad_id: the id that fills a row after its end.
   """
-  batch, length = tokens.shape
-  rows = jnp.arange(batch)  # [batch]
+  length = tokens.shape[1]
 
   def step(token: Array, state: tuple[Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-    buffer, slot = state  # [batch, length], [batch]
-    buffer = buffer.at[rows, slot].set(token, mode="drop")  # [batch, length]
-    logits = logits_fn(buffer)[rows, jnp.minimum(slot, length - 1)]  # [batch, vocab]
+    buffer, slot = state  # [rows, length], [rows]: beam search and num_decodes repeat rows
+    rows = jnp.arange(buffer.shape[0])  # [rows]
+    buffer = buffer.at[rows, slot].set(token, mode="drop")  # [rows, length]
+    logits = logits_fn(buffer)[rows, jnp.minimum(slot, length - 1)]  # [rows, vocab]
     return logits, (buffer, slot + 1)
 
-  first = logits_fn(tokens)[rows, start]  # [batch, vocab]
-  return DecodingStart(step, first, (tokens, start + 1), (0, 0), length - start, length)
+  first = logits_fn(tokens)[jnp.arange(tokens.shape[0]), start]  # [batch, vocab]
+  return DecodingStart(step, first, (tokens, start + 1), (0, 0), length - start, length,
+                       tuple(eos_ids), pad_id)
 
 
 def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -154,19 +166,19 @@ def sample(start: DecodingStart, rng: Array | None, settings: DecoderParams
       chosen = jax.random.categorical(jax.random.fold_in(rng, t), filtered)  # [batch]
     else:
       chosen = jnp.argmax(logits, axis=-1)  # [batch]
-    chosen = jnp.where(done, 0, chosen).astype(jnp.int32)  # [batch]
+    chosen = jnp.where(done, start.pad_id, chosen).astype(jnp.int32)  # [batch]
     log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
     scores = scores + jnp.where(done, 0.0, log_prob)  # [batch]
     outputs = jax.lax.dynamic_update_index_in_dim(outputs, chosen, t, axis=1)  # [batch, length]
-    done = done | (chosen == EOS_ID) | (t + 1 >= start.limits)  # [batch]
+    done = done | start.is_eos(chosen) | (t + 1 >= start.limits)  # [batch]
     return chosen, outputs, done, scores
 
   def cond(carry: tuple[Any, ...]) -> Array:
     t, done = carry[0], carry[4]
     return (t < length) & ~jnp.all(done)
 
-  zeros = jnp.zeros((batch, length), jnp.int32)  # [batch, length]
-  token, outputs, done, scores = emit(jnp.int32(0), start.logits, zeros, start.limits <= 0,
+  padded = jnp.full((batch, length), start.pad_id, jnp.int32)  # [batch, length]
+  token, outputs, done, scores = emit(jnp.int32(0), start.logits, padded, start.limits <= 0,
                                       jnp.zeros((batch,), jnp.float32))
 
   def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -211,7 +223,7 @@ def beam_search(start: DecodingStart, settings: DecoderParams) -> tuple[Array, A
     origin, token = top_index // vocab, top_index % vocab  # [batch, 2k]
     seqs = jnp.take_along_axis(live_seqs, origin[:, :, None], axis=1)  # [batch, 2k, length]
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, t, axis=2)  # [batch, 2k, length]
-    ends = (token == EOS_ID) | (t + 1 >= limits)  # [batch, 2k]
+    ends = start.is_eos(token) | (t + 1 >= limits)  # [batch, 2k]
     new_scores = jnp.where(ends & (top_lp > NEG_INF / 2),
                            top_lp / length_penalty(t + 1.0, alpha), NEG_INF)  # [batch, 2k]
     fin_scores, pick = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), k)
@@ -235,7 +247,7 @@ def beam_search(start: DecodingStart, settings: DecoderParams) -> tuple[Array, A
     beams, tokens, source = extend(t, logits, beams)
     return t + 1, tokens, _take_rows(state, start.state_axes, source), beams
 
-  seqs = jnp.zeros((batch, k, length), jnp.int32)  # [batch, k, length]
+  seqs = jnp.full((batch, k, length), start.pad_id, jnp.int32)  # [batch, k, length]
   first_lp = jnp.full((batch, k), NEG_INF).at[:, 0].set(0.0)  # [batch, k]: one live beam
   beams = (seqs, first_lp, seqs, jnp.full((batch, k), NEG_INF))
   repeated = _repeat_rows(start, k)

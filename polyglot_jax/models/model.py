@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -55,17 +56,22 @@ def adapter_free(params: Params) -> Params:
 class BaseTransformerModel(abc.ABC):
   """Loss, evaluation, scoring and decoding shared by both model families.
 
-  Subclasses set `FEATURE_CONVERTER_CLS`, build `self.module`, list the batch features the module
-  takes (`_features`) and say how decoding starts (`_decoding_inputs`).
+  Subclasses build `self.module`, list the batch features the module takes (`_features`) and say
+  how decoding starts (`_decoding_inputs`). `FEATURE_CONVERTER_CLS(pack=...)` builds the seqio
+  feature converter of the model's batches: the given class with the model's `bos_token_id` as
+  the first decoder input (T5X's `FEATURE_CONVERTER_CLS`, bound to the checkpoint's BOS).
   """
 
-  FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+  FEATURE_CONVERTER_CLS: Callable[..., seqio.FeatureConverter]
 
   def __init__(self, config: TransformerConfig, module: nn.Module, z_loss: float,
-               label_smoothing: float, loss_normalizing_factor: losses.LossNormalizer) -> None:
+               label_smoothing: float, loss_normalizing_factor: losses.LossNormalizer,
+               feature_converter_cls: type[seqio.FeatureConverter]) -> None:
     losses.check_normalizer(loss_normalizing_factor)
     self.config = config
     self.module = module
+    self.FEATURE_CONVERTER_CLS = functools.partial(  # pylint: disable=invalid-name
+        feature_converter_cls, bos_id=config.bos_token_id)
     self._z_loss = z_loss
     self._label_smoothing = label_smoothing
     self._loss_normalizing_factor = loss_normalizing_factor
@@ -93,8 +99,10 @@ class BaseTransformerModel(abc.ABC):
     """Reads the prompts: with `use_cache`, one prefill pass fills the KV cache and each step
     then runs one token per row; otherwise every step re-runs the whole prefix."""
     decoder_fn, tokens, start = self._decoding_inputs(params, batch, prompt_with_targets)
+    eos_ids, pad_id = self.config.eos_token_ids, self.config.pad_token_id
     if not use_cache:
-      return decoding.recompute_step(lambda t: decoder_fn({"params": params}, t), tokens, start)
+      return decoding.recompute_step(lambda t: decoder_fn({"params": params}, t), tokens, start,
+                                     eos_ids, pad_id)
     logits, cache = decoder_fn({"params": params}, tokens, decode=True,
                                prefill_lengths=start + 1)  # [batch, 1, vocab]
 
@@ -107,7 +115,7 @@ class BaseTransformerModel(abc.ABC):
     axes = jax.tree_util.tree_map_with_path(
         lambda path, _: int(any(getattr(key, "key", None) == "layers" for key in path)), cache)
     return decoding.DecodingStart(step, logits[:, 0], cache, axes, tokens.shape[1] - start,
-                                  tokens.shape[1])
+                                  tokens.shape[1], eos_ids, pad_id)
 
   def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None = None,
               mutable: list[str] | bool = False) -> Any:
@@ -234,9 +242,10 @@ class BaseTransformerModel(abc.ABC):
 
     Greedy by default. `decoder_params` (see `decoding.DecoderParams`): `temperature`, `top_k`,
     `top_p` sample with `rng`; `beam_size` and `alpha` select beam search; `num_decodes` decodes
-    per input; `use_cache=False` recomputes the prefix every step. Each row stops at EOS (id 1)
-    and is 0-padded after it. With `return_all_decodes` the outputs are [batch, num_decodes,
-    max_decode_len] and [batch, num_decodes], best first; otherwise the best one. Jit-able.
+    per input; `use_cache=False` recomputes the prefix every step. Each row stops at the first of
+    `config.eos_token_ids` and is filled with `config.pad_token_id` after it. With
+    `return_all_decodes` the outputs are [batch, num_decodes, max_decode_len] and
+    [batch, num_decodes], best first; otherwise the best one. Jit-able.
     """
     settings = decoding.DecoderParams.parse(decoder_params)
     start = self.decoding_start(params, batch, settings.use_cache, prompt_with_targets)
@@ -257,14 +266,12 @@ class BaseTransformerModel(abc.ABC):
 class EncoderDecoderModel(BaseTransformerModel):
   """T5.1.1 / mT5 / umT5 model with the T5X EncoderDecoderModel API."""
 
-  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
-
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
                label_smoothing: float = 0.0,
                loss_normalizing_factor: losses.LossNormalizer = losses.NUM_REAL_TARGET_TOKENS
                ) -> None:
     super().__init__(config, EncoderDecoder(config), z_loss, label_smoothing,
-                     loss_normalizing_factor)
+                     loss_normalizing_factor, seqio.EncDecFeatureConverter)
 
   @property
   def _features(self) -> tuple[str, ...]:
@@ -273,7 +280,7 @@ class EncoderDecoderModel(BaseTransformerModel):
 
   def _decoding_inputs(self, params: Params, batch: Batch, prompt_with_targets: bool = False
                        ) -> tuple[DecoderFn, Array, Array]:
-    """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from BOS 0, or with
+    """Encodes once; decodes up to `decoder_target_tokens.shape[1]` tokens from the BOS, or with
     `prompt_with_targets` (T5X) after a forced decoder prefix: the nonzero tokens that follow
     BOS in `decoder_input_tokens` (EOS dropped); outputs exclude the prefix."""
     encoder_tokens = batch["encoder_input_tokens"]  # [batch, enc_length]
@@ -294,9 +301,11 @@ class EncoderDecoderModel(BaseTransformerModel):
     batch_size, length = batch["decoder_target_tokens"].shape
     if not prompt_with_targets:
       tokens = jnp.zeros((batch_size, length), jnp.int32)  # [batch, length]
+      tokens = tokens.at[:, 0].set(self.config.bos_token_id)  # [batch, length]
       return decoder_fn, tokens, jnp.zeros((batch_size,), jnp.int32)
-    prompt = batch["decoder_input_tokens"].astype(jnp.int32)  # [batch, length]: 0, prefix, 0...
-    prompt = jnp.where(prompt == decoding.EOS_ID, 0, prompt)  # [batch, length]
+    prompt = batch["decoder_input_tokens"].astype(jnp.int32)  # [batch, length]: BOS, prefix, 0...
+    is_eos = jnp.isin(prompt, jnp.asarray(self.config.eos_token_ids, jnp.int32))  # [b, length]
+    prompt = jnp.where(is_eos, 0, prompt)  # [batch, length]
     return decoder_fn, prompt, jnp.sum(prompt[:, 1:] != 0, axis=1).astype(jnp.int32)
 
 
@@ -306,19 +315,20 @@ class DecoderOnlyModel(BaseTransformerModel):
 
   With `inputs_bidirectional_attention`, positions marked by `decoder_causal_attention` attend to
   each other bidirectionally (PrefixLM) and the feature converter is seqio's PrefixLM one.
+  `feature_converter_cls` replaces seqio's DecoderFeatureConverter, e.g. with
+  `chat.ChatFeatureConverter` (runs/sft.gin), which keeps chat tasks' per-token loss weights.
   """
-
-  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
                label_smoothing: float = 0.0,
                loss_normalizing_factor: losses.LossNormalizer = losses.NUM_REAL_TARGET_TOKENS,
-               inputs_bidirectional_attention: bool = False) -> None:
+               inputs_bidirectional_attention: bool = False,
+               feature_converter_cls: type[seqio.FeatureConverter] | None = None) -> None:
+    default = (seqio.PrefixLMFeatureConverter if inputs_bidirectional_attention
+               else seqio.DecoderFeatureConverter)
     super().__init__(config, DecoderOnly(config), z_loss, label_smoothing,
-                     loss_normalizing_factor)
+                     loss_normalizing_factor, feature_converter_cls or default)
     self.inputs_bidirectional_attention = inputs_bidirectional_attention
-    if inputs_bidirectional_attention:
-      self.FEATURE_CONVERTER_CLS = seqio.PrefixLMFeatureConverter
 
   @property
   def _features(self) -> tuple[str, ...]:
@@ -331,7 +341,7 @@ class DecoderOnlyModel(BaseTransformerModel):
   def _decoding_inputs(self, params: Params, batch: Batch, prompt_with_targets: bool = False
                        ) -> tuple[DecoderFn, Array, Array]:
     """Continues the prompt: the positions of `decoder_input_tokens` marked by
-    `decoder_causal_attention` (T5X: the 0 BOS plus the inputs); outputs exclude the prompt.
+    `decoder_causal_attention` (T5X: the BOS plus the inputs); outputs exclude the prompt.
     (`prompt_with_targets` is for encoder-decoders: here the prompt is always read.)"""
     del prompt_with_targets
     if "decoder_causal_attention" not in batch:
