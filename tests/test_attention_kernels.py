@@ -152,8 +152,8 @@ def test_kernels_refuse_what_they_cannot_express():
     with pytest.raises(ValueError, match="interpret mode runs on one device only"):
       attention.attend(q, k, v, None, None, kernel="flash", interpret=True)
   # On CPU `auto` is the einsum reference; it picks Pallas kernels only for TPUs (see below).
-  assert attention.resolve_kernel("auto", has_bias=True, q_length=128, kv_length=128,
-                                  dropout=False) == "einsum"
+  assert attention.resolve_kernel("auto", has_bias=True, mask=None, q_length=128,
+                                  kv_length=128, dropout=False) == "einsum"
   for field, value in [("attention_kernel", "xla"), ("sliding_window", 0),
                        ("loss_chunk_size", -1)]:
     with pytest.raises(ValueError, match=field):
@@ -346,6 +346,7 @@ def test_fused_kernels_compile_for_a_tpu_v4_topology():
       platform="tpu", topology_name="v4:2x2x1", chip_config_name="megacore",
       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
   partitioner = partitioning.Partitioner(partitioning.MeshConfig(data=2, tensor=2), devices)
+  window = AttentionMask(jnp.ones((2, LENGTH)), jnp.ones((2, LENGTH)), causal=True, window=WINDOW)
   for config in (T5_128, PREFIX_LM_128):
     config = dataclasses.replace(config, attention_kernel="auto", attention_interpret=False,
                                  dtype="bfloat16")
@@ -360,9 +361,11 @@ def test_fused_kernels_compile_for_a_tpu_v4_topology():
     features = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=partitioner.batch_sharding)
                 for k, v in batch.items()}
     with partitioner.activate():
-      kernel = attention.resolve_kernel("auto", has_bias=bool(config.num_encoder_layers),
-                                        q_length=LENGTH, kv_length=LENGTH, dropout=False)
+      kernels = [attention.resolve_kernel("auto", has_bias=bool(config.num_encoder_layers),
+                                          mask=mask, q_length=LENGTH, kv_length=LENGTH,
+                                          dropout=False) for mask in (None, window)]
       compiled = jax.jit(jax.grad(lambda p, b: model.loss_fn(p, b, None)[0])).lower(
           abstract, features).compile()
-    assert kernel == ("flash" if config.num_encoder_layers else "splash")
+    # A sliding window: flash cannot express it (einsum); splash can.
+    assert kernels == (["flash", "einsum"] if config.num_encoder_layers else ["splash"] * 2)
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') >= 3

@@ -106,12 +106,13 @@ def platform() -> str:
   return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
-def resolve_kernel(kernel: AttentionKernel, *, has_bias: bool, q_length: int, kv_length: int,
-                   dropout: bool) -> str:
+def resolve_kernel(kernel: AttentionKernel, *, has_bias: bool, mask: AttentionMask | None,
+                   q_length: int, kv_length: int, dropout: bool) -> str:
   """The kernel `auto` stands for on this platform (other names are returned unchanged).
 
-  TPU: flash with a bias (T5), splash without, when both lengths are multiples of 128 and no
-  dropout applies to the attention weights; GPU: dot_product; otherwise einsum.
+  TPU: flash with a bias (T5), splash without, when they can express the mask, both lengths are
+  multiples of 128 and no dropout applies to the attention weights; GPU: dot_product; otherwise
+  (and for what the Pallas kernels cannot express) einsum.
   """
   if kernel != "auto":
     return kernel
@@ -120,7 +121,12 @@ def resolve_kernel(kernel: AttentionKernel, *, has_bias: bool, q_length: int, kv
     return "dot_product"
   fits = q_length % _BLOCK_SIZES[-1] == 0 and kv_length % _BLOCK_SIZES[-1] == 0
   if target == "tpu" and fits and not dropout:
-    return "flash" if has_bias else "splash"
+    prefix = mask is not None and mask.prefix is not None
+    window = mask is not None and mask.window is not None
+    if has_bias and not (prefix or window):
+      return "flash"
+    if not has_bias and not (prefix and window):
+      return "splash"
   return "einsum"
 
 
@@ -141,7 +147,7 @@ def attend(q: Array, k: Array, v: Array, bias: Array | None, mask: AttentionMask
     dropout: applied to the attention weights (einsum only); None = no dropout.
     dtype: the compute dtype the attention weights are cast to (einsum).
   """
-  kernel = resolve_kernel(kernel, has_bias=bias is not None, q_length=q.shape[1],
+  kernel = resolve_kernel(kernel, has_bias=bias is not None, mask=mask, q_length=q.shape[1],
                           kv_length=k.shape[1], dropout=dropout is not None)
   if kernel not in ATTENTION_KERNELS:
     raise ValueError(f"attention_kernel={kernel!r} is unknown; use one of "
