@@ -13,6 +13,8 @@ from typing import Literal
 import gin
 
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
+AttentionKernel = Literal["auto", "einsum", "dot_product", "flash", "splash"]
+ATTENTION_KERNELS = ("auto", "einsum", "dot_product", "flash", "splash")
 
 # Sites an adapter can modify: projections (LoRA, MoLoRA add a low-rank update to their output)
 # and activations (IA3, MoV scale them): the attention keys/values and the FFN intermediate.
@@ -174,6 +176,16 @@ class TransformerConfig:
     remat_policy: activation rematerialisation per layer.
     moe: replace every FFN by a sparse mixture of experts; None = dense FFN.
     adapters: parameter-efficient adapters (IA3, LoRA, MoV, MoLoRA); None = none.
+    attention_kernel: how attention scores are computed (docs/attention.md): "einsum" (the
+      reference), "dot_product" (jax.nn.dot_product_attention, cuDNN on GPU), "flash" (Pallas
+      TPU, T5 relative bias), "splash" (Pallas TPU, causal/PrefixLM/sliding-window masks) or
+      "auto" (per backend).
+    attention_interpret: run the Pallas kernels in interpret mode (any backend; slow, for
+      tests and CPU checks).
+    sliding_window: decoder self-attention sees at most this many keys, its own included
+      (Mistral-style local attention); None = unlimited.
+    loss_chunk_size: compute the output logits and cross-entropy in chunks of this many
+      positions per row, never materialising [batch, length, vocab] logits; 0 = all at once.
   """
 
   vocab_size: int = 32128
@@ -209,6 +221,10 @@ class TransformerConfig:
   remat_policy: RematPolicy = "none"
   moe: MoeConfig | None = None
   adapters: AdapterConfig | None = None
+  attention_kernel: AttentionKernel = "einsum"
+  attention_interpret: bool = False
+  sliding_window: int | None = None
+  loss_chunk_size: int = 0
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # gin/JSON give lists
@@ -230,6 +246,14 @@ class TransformerConfig:
         self.adapters.sites):
       raise ValueError("adapters on the FFN (targets wi, wo, mlp) cannot be combined with a "
                        "sparse MoE FFN; drop those targets or the MoE.")
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      raise ValueError(f"attention_kernel={self.attention_kernel!r}: use one of "
+                       f"{', '.join(ATTENTION_KERNELS)}.")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window={self.sliding_window} must be None or at least 1.")
+    if self.loss_chunk_size < 0:
+      raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be 0 (no chunking) or "
+                       "positive.")
 
   @property
   def kv_heads(self) -> int:

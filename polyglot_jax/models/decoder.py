@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from polyglot_jax.models import layers, moe
+from polyglot_jax.models.attention import AttentionMask
 from polyglot_jax.models.config import TransformerConfig
 
 Array = jax.Array
@@ -30,8 +31,9 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array | None, self_bias: Array, cross_bias: Array | None,
-               positions: Array, key_positions: Array, token_mask: Array,
+  def __call__(self, x: Array, encoded: Array | None, self_mask: AttentionMask,
+               self_bias: Array | None, cross_mask: AttentionMask | None, positions: Array,
+               key_positions: Array, token_mask: Array,
                encoder_mask: Array | None) -> tuple[Array, None]:
     """Updates the [batch, length, embed] residual stream `x`.
 
@@ -39,8 +41,10 @@ class DecoderLayer(nn.Module):
       x: decoder activations.
       encoded: [batch, enc_length, embed] encoder output; None for decoder-only models and for
         decoding steps, which read the cached cross-attention keys/values.
-      self_bias: float32 [batch, heads|1, length, kv_length] mask (+ shared relative) bias.
-      cross_bias: float32 [batch, 1, length, enc_length] mask bias; None without cross-attention.
+      self_mask: the causal (PrefixLM, sliding-window) self-attention mask.
+      self_bias: float32 [batch, heads, length, kv_length] shared relative-position bias; None
+        with RoPE or a per-layer bias.
+      cross_mask: the cross-attention mask; None without cross-attention.
       positions: [batch, length] token positions (RoPE, per-layer relative bias, cache slots).
       key_positions: [batch, kv_length] positions of the self-attention keys (= `positions`,
         except in decoding steps where the keys are the whole cache).
@@ -52,18 +56,18 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     drop = layers.make_dropout(cfg)
     if cfg.position_embedding == "relative" and cfg.per_layer_relative_bias:
-      self_bias = self_bias + layers.RelativePositionBias(
-          cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)
+      self_bias = layers.RelativePositionBias(  # the stack passes no shared bias then
+          cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)  # [b,h,l,kv]
     h = layers.make_norm(cfg, "pre_self_attention_layer_norm")(x)  # [batch, length, embed]
     y = layers.Attention(cfg, name="self_attention")(
         h, h, self_bias, positions, self.deterministic, self.decode, q_mask=token_mask,
-        kv_mask=token_mask)  # [batch, length, embed]
+        kv_mask=token_mask, mask=self_mask)  # [batch, length, embed]
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
-    if cross_bias is not None:
+    if cross_mask is not None:
       g = layers.make_norm(cfg, "pre_cross_attention_layer_norm")(x)  # [batch, length, embed]
       y = layers.Attention(cfg, name="encoder_decoder_attention")(
-          g, encoded, cross_bias, None, self.deterministic, self.decode, q_mask=token_mask,
-          kv_mask=encoder_mask)  # [batch, length, embed]
+          g, encoded, None, None, self.deterministic, self.decode, q_mask=token_mask,
+          kv_mask=encoder_mask, mask=cross_mask)  # [batch, length, embed]
       x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     if not cfg.parallel_block:
       h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
@@ -83,6 +87,31 @@ class Decoder(nn.Module):
 
   config: TransformerConfig
   shared_embedding: nn.Module | None = None
+
+  def setup(self) -> None:
+    # The embedder and output projection live here so that `logits` can run on its own.
+    cfg = self.config
+    if self.shared_embedding is None:
+      self.token_embedder = layers.make_embed(cfg, "token_embedder")
+    if not cfg.logits_via_embedding:
+      self.logits_dense = layers.DenseGeneral((cfg.vocab_size,), ("embed", "vocab"),
+                                              **layers.dtype_kwargs(cfg))
+
+  def _embedder(self) -> nn.Module:
+    return self.token_embedder if self.shared_embedding is None else self.shared_embedding
+
+  def logits(self, y: Array) -> Array:
+    """Output projection of final [batch, length, embed] activations -> [b, length, vocab]."""
+    cfg = self.config
+    if cfg.logits_via_embedding:
+      logits = self._embedder().attend(y)  # [batch, length, vocab]
+      if cfg.scale_tied_logits:
+        logits = logits * cfg.emb_dim**-0.5  # [batch, length, vocab]
+    else:
+      logits = self.logits_dense(y)  # [batch, length, vocab]
+    if cfg.logit_scale != 1.0:
+      logits = logits * cfg.logit_scale  # [batch, length, vocab]
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   @nn.compact
   def __call__(self,
@@ -125,63 +154,51 @@ class Decoder(nn.Module):
     deterministic = not enable_dropout
     drop = layers.make_dropout(cfg)
     if decode and prefill_lengths is None:
-      segments, positions, key_positions, self_bias = self._step_positions()
+      segments, positions, key_positions, self_mask = self._step_positions()
       encoder_segments = self.get_variable("cache", "encoder_segments")  # [b, enc_len] | None
     else:
       segments = layers.segments_or_padding(decoder_segment_ids, decoder_target_tokens,
                                             decoder_input_tokens)  # [batch, length]
       positions = layers.positions_or_arange(decoder_positions, decoder_input_tokens)  # [b, l]
       key_positions = positions  # [batch, length]
-      self_bias = layers.mask_to_bias(
-          layers.decoder_self_mask(segments, decoder_causal_attention))  # [batch, 1, len, len]
+      self_mask = AttentionMask(segments, segments, decoder_causal_attention, causal=True,
+                                window=cfg.sliding_window)
       if decode:
         self.put_variable("cache", "cache_index", prefill_lengths.astype(jnp.int32))  # [batch]
         self.put_variable("cache", "key_positions", key_positions)  # [batch, cache_length]
         if encoder_segments is not None:
           self.put_variable("cache", "encoder_segments", encoder_segments)  # [batch, enc_len]
+    self_bias = None
     if cfg.position_embedding == "relative" and not cfg.per_layer_relative_bias:
-      self_bias = self_bias + layers.RelativePositionBias(
+      self_bias = layers.RelativePositionBias(
           cfg, bidirectional=False, name="relpos_bias")(positions, key_positions)  # [b,h,l,kv]
-    cross_bias = None
+    cross_mask = None
     if encoder_segments is not None:
-      cross_bias = layers.mask_to_bias(
-          layers.segment_mask(segments, encoder_segments))  # [batch, 1, length, enc_length]
+      cross_mask = AttentionMask(segments, encoder_segments)
 
-    embedder = self.shared_embedding
-    if embedder is None:
-      embedder = layers.make_embed(cfg, "token_embedder")
-    x = embedder(decoder_input_tokens)  # [batch, length, embed]
+    x = self._embedder()(decoder_input_tokens)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     token_mask = (segments > 0).astype(jnp.float32)  # [batch, length]
     encoder_mask = None
     if encoded is not None:
       encoder_mask = (encoder_segments > 0).astype(jnp.float32)  # [batch, enc_length]
-    x = layers.stack_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x, encoded, self_bias,
-                            cross_bias, positions, key_positions, token_mask, encoder_mask,
-                            deterministic=deterministic, decode=decode)
+    x = layers.stack_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x, encoded, self_mask,
+                            self_bias, cross_mask, positions, key_positions, token_mask,
+                            encoder_mask, deterministic=deterministic, decode=decode)
     y = layers.make_norm(cfg, "decoder_norm")(x)  # [batch, length, embed]
     y = drop(y, deterministic=deterministic)  # [batch, length, embed]
     self.sow("intermediates", "pre_logits", y)
     if decode and prefill_lengths is not None:
       last = (prefill_lengths - 1).astype(jnp.int32)[:, None, None]  # [batch, 1, 1]
       y = jnp.take_along_axis(y, last, axis=1)  # [batch, 1, embed]
-    if cfg.logits_via_embedding:
-      logits = embedder.attend(y)  # [batch, length, vocab]
-      if cfg.scale_tied_logits:
-        logits = logits * cfg.emb_dim**-0.5  # [batch, length, vocab]
-    else:
-      logits = layers.DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), name="logits_dense",
-                                   **layers.dtype_kwargs(cfg))(y)  # [batch, length, vocab]
-    if cfg.logit_scale != 1.0:
-      logits = logits * cfg.logit_scale  # [batch, length, vocab]
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return self.logits(y)  # [batch, length, vocab]
 
-  def _step_positions(self) -> tuple[Array, Array, Array, Array]:
-    """(segments, positions, key_positions, self_bias) of one decoding step; advances the index.
+  def _step_positions(self) -> tuple[Array, Array, Array, AttentionMask]:
+    """(segments, positions, key_positions, self_mask) of one decoding step; advances the index.
 
-    The step's token sits at slot `cache_index` and sees every slot up to it: prompt slots hold
-    the prefill's keys, later ones the earlier steps'.
+    The step's token sits at slot `cache_index` and sees every slot up to it (within the sliding
+    window): prompt slots hold the prefill's keys, later ones the earlier steps'.
     """
     index = self.get_variable("cache", "cache_index")  # [batch]
     if index is None:
@@ -190,9 +207,10 @@ class Decoder(nn.Module):
     key_positions = self.get_variable("cache", "key_positions")  # [batch, cache_length]
     positions = index[:, None]  # [batch, 1]
     self.put_variable("cache", "cache_index", index + 1)
-    allowed = key_positions[:, None, :] <= positions[:, :, None]  # [batch, 1, cache_length]
-    self_bias = layers.mask_to_bias(allowed[:, None])  # [batch, 1, 1, cache_length]
-    return jnp.ones_like(positions), positions, key_positions, self_bias
+    segments = jnp.ones_like(positions)  # [batch, 1]
+    self_mask = AttentionMask(segments, jnp.ones_like(key_positions), q_offset=index, causal=True,
+                              window=self.config.sliding_window)
+    return segments, positions, key_positions, self_mask
 
 
 class DecoderOnly(nn.Module):
@@ -200,7 +218,13 @@ class DecoderOnly(nn.Module):
 
   config: TransformerConfig
 
-  @nn.compact
+  def setup(self) -> None:
+    self.decoder = Decoder(self.config)
+
+  def logits(self, y: Array) -> Array:
+    """[batch, length, embed] final decoder activations -> [batch, length, vocab] logits."""
+    return self.decoder.logits(y)
+
   def __call__(self,
                decoder_input_tokens: Array,
                decoder_target_tokens: Array | None = None,
@@ -213,7 +237,7 @@ class DecoderOnly(nn.Module):
                prefill_lengths: Array | None = None) -> Array:
     """Returns [batch, length, vocab] logits; see `Decoder.__call__` for the features and the
     decoding cache."""
-    return Decoder(self.config, name="decoder")(
+    return self.decoder(
         decoder_input_tokens,
         decoder_target_tokens=decoder_target_tokens,
         decoder_segment_ids=decoder_segment_ids,

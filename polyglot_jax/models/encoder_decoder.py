@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from polyglot_jax.models import layers, moe
+from polyglot_jax.models.attention import AttentionMask
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.decoder import Decoder
 
@@ -25,13 +26,15 @@ class EncoderLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, positions: Array, token_mask: Array
-               ) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask: AttentionMask, bias: Array | None, positions: Array,
+               token_mask: Array) -> tuple[Array, None]:
     """Updates the [batch, length, embed] residual stream `x`.
 
     Args:
       x: encoder activations.
-      bias: float32 [batch, heads|1, length, length] mask (+ shared relative) bias.
+      mask: the bidirectional self-attention mask (segments, padding).
+      bias: float32 [batch, heads, length, length] shared relative-position bias; None with
+        RoPE or a per-layer bias.
       positions: [batch, length] token positions (RoPE, per-layer relative bias).
       token_mask: [batch, length] 1 on real tokens, 0 on padding (routers).
     Returns:
@@ -40,11 +43,11 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     drop = layers.make_dropout(cfg)
     if cfg.position_embedding == "relative" and cfg.per_layer_relative_bias:
-      bias = bias + layers.RelativePositionBias(
+      bias = layers.RelativePositionBias(  # the stack passes no shared bias then
           cfg, bidirectional=True, name="relpos_bias")(positions, positions)  # [b, h, l, l]
     h = layers.make_norm(cfg, "pre_attention_layer_norm")(x)  # [batch, length, embed]
     y = layers.Attention(cfg, name="attention")(h, h, bias, positions, self.deterministic,
-                                                q_mask=token_mask, kv_mask=token_mask)
+                                                q_mask=token_mask, kv_mask=token_mask, mask=mask)
     x = x + drop(y, deterministic=self.deterministic)  # [batch, length, embed]
     h = layers.make_norm(cfg, "pre_mlp_layer_norm")(x)  # [batch, length, embed]
     y = moe.make_mlp(cfg)(h, token_mask, self.deterministic)  # [batch, length, embed]
@@ -68,15 +71,16 @@ class Encoder(nn.Module):
     segments = layers.segments_or_padding(encoder_segment_ids, encoder_input_tokens,
                                           encoder_input_tokens)  # [batch, length]
     positions = layers.positions_or_arange(encoder_positions, encoder_input_tokens)  # [b, l]
-    bias = layers.mask_to_bias(layers.segment_mask(segments, segments))  # [b, 1, len, len]
+    mask = AttentionMask(segments, segments)
+    bias = None
     if cfg.position_embedding == "relative" and not cfg.per_layer_relative_bias:
-      bias = bias + layers.RelativePositionBias(
+      bias = layers.RelativePositionBias(
           cfg, bidirectional=True, name="relpos_bias")(positions, positions)  # [b, h, l, l]
     x = self.shared_embedding(encoder_input_tokens)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     token_mask = (segments > 0).astype(jnp.float32)  # [batch, length]
-    x = layers.stack_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x, bias, positions,
+    x = layers.stack_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x, mask, bias, positions,
                             token_mask, deterministic=deterministic)
     x = layers.make_norm(cfg, "encoder_norm")(x)  # [batch, length, embed]
     x = drop(x, deterministic=deterministic)  # [batch, length, embed]
@@ -98,6 +102,10 @@ class EncoderDecoder(nn.Module):
     """[batch, enc_length] tokens -> [batch, enc_length, embed] encoder output."""
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                         enable_dropout=enable_dropout)
+
+  def logits(self, y: Array) -> Array:
+    """[batch, length, embed] final decoder activations -> [batch, length, vocab] logits."""
+    return self.decoder.logits(y)
 
   def decode(self,
              encoded: Array | None,

@@ -19,15 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from polyglot_jax.models import adapters
+from polyglot_jax.models import adapters, attention
 from polyglot_jax.models.config import TransformerConfig
 from polyglot_jax.models.routing import STATS_COLLECTION
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
-
-# T5X's additive mask value: finite, so rows with every key masked (padding queries) stay NaN-free.
-MASK_BIAS = -1e10
 
 default_embed_init = nn.initializers.normal(stddev=1.0)
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -229,37 +226,40 @@ def apply_rope(x: Array, positions: Array, theta: float, interleaved: bool) -> A
 class Attention(nn.Module):
   """Dot-product attention for self- and cross-attention, MHA or grouped-query (GQA).
 
-  Position information enters either as an additive bias (mask + T5 relative bias, given by the
+  Position information enters either as an additive bias (T5's relative bias, given by the
   caller) or as RoPE on q and k when `config.position_embedding == "rope"` and `positions` is
   given (self-attention). T5 does not scale q·k by 1/sqrt(head_dim) but folds it into the query
-  init instead (`config.scale_attention=False`).
+  init instead (`config.scale_attention=False`). The scores run on `config.attention_kernel`
+  (see `attention.py`); single-token cached decoding steps always use the einsum kernel, which
+  reads the cache as it is, so cached and uncached decoding agree with every kernel.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array,
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, bias: Array | None,
                positions: Array | None = None, deterministic: bool = True,
                decode: bool = False, q_mask: Array | None = None,
-               kv_mask: Array | None = None) -> Array:
+               kv_mask: Array | None = None,
+               mask: attention.AttentionMask | None = None) -> Array:
     """Attends [batch, q_length, embed] queries to [batch, kv_length, embed] memory.
 
     Args:
       inputs_q: query-side activations.
       inputs_kv: key/value-side activations (the same array for self-attention); None while
         decoding reads the cross-attention keys/values cached by an earlier call.
-      bias: float32 additive bias broadcastable to [batch, heads, q_length, kv_length]; while
-        decoding, kv_length is the cache length.
+      bias: float32 additive bias broadcastable to [batch, heads, q_length, kv_length] (T5's
+        relative-position bias), or None; while decoding, kv_length is the cache length.
       positions: [batch, q_length] positions of self-attention queries (RoPE, and the cache slots
         written while decoding); None for cross-attention.
       deterministic: disables dropout on the attention weights.
       decode: use the 'cache' collection (see `_cached_kv`).
       q_mask: [batch, q_length] 1 on real query tokens (adapter routers); None = all real.
       kv_mask: [batch, kv_length] 1 on real key/value tokens; None = all real.
+      mask: which keys each query sees; None = all of them.
     """
     cfg = self.config
     dtypes = dtype_kwargs(cfg)
-    kv_heads, group = cfg.kv_heads, cfg.num_heads // cfg.kv_heads
     query_init = default_kernel_init
     if not cfg.scale_attention:
       query_init = _scaled(default_kernel_init, cfg.head_dim**-0.5)
@@ -284,17 +284,14 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
 
-    batch, q_length = q.shape[:2]
-    kv_length = k.shape[1]
-    q = q.reshape(batch, q_length, kv_heads, group, cfg.head_dim)  # [b, q, kv_heads, group, kv]
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k)  # [batch, kv_heads, group, q_length, kv_length]
-    logits = logits.reshape(batch, cfg.num_heads, q_length, kv_length)  # [b, heads, q, kv_length]
-    logits = logits.astype(jnp.float32) + bias  # [batch, heads, q_length, kv_length]
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtypes["dtype"])  # [b, heads, q, kv_length]
-    weights = nn.Dropout(rate=cfg.dropout_rate)(weights, deterministic=deterministic)
-    weights = weights.reshape(batch, kv_heads, group, q_length, kv_length)  # [b, kvh, g, q, kv_len]
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)  # [batch, q_length, kv_heads, group, kv]
-    out = out.reshape(batch, q_length, cfg.num_heads, cfg.head_dim)  # [b, q_length, heads, kv]
+    kernel = cfg.attention_kernel
+    if decode and q.shape[1] == 1:
+      kernel = "einsum"  # a cached decoding step: one query against the whole cache
+    dropout = None
+    if not deterministic and cfg.dropout_rate > 0.0:
+      dropout = functools.partial(nn.Dropout(rate=cfg.dropout_rate), deterministic=False)
+    out = attention.attend(q, k, v, bias, mask, kernel=kernel, interpret=cfg.attention_interpret,
+                           dropout=dropout, dtype=dtypes["dtype"])  # [b, q_length, heads, kv]
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     projected = DenseGeneral((cfg.emb_dim,), ("heads", "kv", "embed"), num_in=2, name="out",
                              **dtypes)(out)  # [batch, q_length, embed]
@@ -395,13 +392,6 @@ def positions_or_arange(positions: Array | None, like: Array) -> Array:
   return jnp.broadcast_to(jnp.arange(like.shape[-1], dtype=jnp.int32), like.shape)  # [b, l]
 
 
-def segment_mask(q_segments: Array, kv_segments: Array) -> Array:
-  """True where query and key share a (non-padding) segment: [batch, 1, q_length, kv_length]."""
-  same = q_segments[:, :, None] == kv_segments[:, None, :]  # [batch, q_length, kv_length]
-  real = (q_segments[:, :, None] > 0) & (kv_segments[:, None, :] > 0)  # [b, q_length, kv_length]
-  return (same & real)[:, None]  # [batch, 1, q_length, kv_length]
-
-
 def decoder_self_mask(segments: Array, causal_attention: Array | None) -> Array:
   """Causal self-attention mask, bidirectional among prefix positions (PrefixLM).
 
@@ -412,17 +402,7 @@ def decoder_self_mask(segments: Array, causal_attention: Array | None) -> Array:
   Returns:
     bool [batch, 1, length, length].
   """
-  index = jnp.arange(segments.shape[-1])  # [length]
-  allowed = (index[:, None] >= index[None, :])[None]  # [1, length, length]
-  if causal_attention is not None:
-    prefix = causal_attention > 0  # [batch, length]
-    allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])  # [batch, length, length]
-  return segment_mask(segments, segments) & allowed[:, None]  # [batch, 1, length, length]
-
-
-def mask_to_bias(mask: Array) -> Array:
-  """Boolean mask -> float32 additive attention bias (0 kept, MASK_BIAS dropped)."""
-  return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
+  return attention.AttentionMask(segments, segments, causal_attention, causal=True).dense()
 
 
 def stack_layers(layer_cls: type[nn.Module], config: TransformerConfig, num_layers: int,

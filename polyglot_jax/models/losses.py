@@ -7,7 +7,7 @@ batch's normaliser gives the same number as one pass over the full batch.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,81 @@ def cross_entropy_loss(
     (loss, sums): the scalar loss to differentiate and un-normalised metric sums
     `cross_ent_loss`, `z_loss`, `correct`, `num_tokens`, `num_sequences`, `normalizer`.
   """
-  logits = logits.astype(jnp.float32)  # [batch, length, vocab]
   weights = weights.astype(jnp.float32)  # [batch, length]
+  loss_weights = sequence_weights(weights, loss_normalizing_factor)
+  xent_sum, z_sum, correct = _weighted_sums(logits, targets, weights, loss_weights, z_loss,
+                                            label_smoothing)
+  return _loss_and_sums(xent_sum, z_sum, correct, weights, loss_normalizing_factor,
+                        loss_normalizer)
+
+
+def chunked_cross_entropy_loss(
+    pre_logits: jax.Array,
+    project: Callable[[jax.Array], jax.Array],
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk_size: int,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    loss_normalizing_factor: LossNormalizer = NUM_REAL_TARGET_TOKENS,
+    loss_normalizer: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`cross_entropy_loss(project(pre_logits), ...)` without materialising the whole logits.
+
+  The length axis is cut into chunks of `chunk_size` positions (the last one padded with zero
+  weights); a scan projects one chunk at a time to [batch, chunk_size, vocab] f32 logits and adds
+  up its loss terms, and `jax.checkpoint` recomputes each chunk's logits in the backward pass
+  instead of keeping them. Values and gradients equal the unchunked loss up to f32 summation
+  order.
+
+  Args:
+    pre_logits: [batch, length, embed] final activations.
+    project: [batch, chunk_size, embed] -> [batch, chunk_size, vocab] output projection.
+    targets, weights, z_loss, label_smoothing, loss_normalizing_factor, loss_normalizer: as in
+      `cross_entropy_loss`.
+    chunk_size: positions per row in one chunk.
+  """
+  weights = weights.astype(jnp.float32)  # [batch, length]
+  loss_weights = sequence_weights(weights, loss_normalizing_factor)
+  batch, length = targets.shape
+  num_chunks = -(-length // chunk_size)
+  pad = num_chunks * chunk_size - length
+
+  def chunks(x: jax.Array) -> jax.Array:
+    """[batch, length, ...] -> [num_chunks, batch, chunk_size, ...], zero-padded."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  @jax.checkpoint
+  def add_chunk(totals: tuple[jax.Array, ...], chunk: tuple[jax.Array, ...]
+                ) -> tuple[tuple[jax.Array, ...], None]:
+    y, chunk_targets, chunk_weights, chunk_loss_weights = chunk
+    sums = _weighted_sums(project(y), chunk_targets, chunk_weights, chunk_loss_weights, z_loss,
+                          label_smoothing)  # logits: [batch, chunk_size, vocab]
+    return tuple(total + value for total, value in zip(totals, sums)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (xent_sum, z_sum, correct), _ = jax.lax.scan(
+      add_chunk, (zero, zero, zero),
+      (chunks(pre_logits), chunks(targets), chunks(weights), chunks(loss_weights)))
+  return _loss_and_sums(xent_sum, z_sum, correct, weights, loss_normalizing_factor,
+                        loss_normalizer)
+
+
+def _weighted_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                   loss_weights: jax.Array, z_loss: float, label_smoothing: float
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(cross-entropy, z-loss) summed with `loss_weights`, and correct argmaxes with `weights`.
+
+  Args:
+    logits: [batch, length, vocab] in any float dtype; computed in f32.
+    targets: [batch, length] int token ids.
+    weights: [batch, length] float32 loss weights, 0 on padding.
+    loss_weights: [batch, length] the weights after `sequence_weights`.
+  """
+  logits = logits.astype(jnp.float32)  # [batch, length, vocab]
   vocab = logits.shape[-1]
   confidence = 1.0 - label_smoothing
   low = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
@@ -95,14 +168,19 @@ def cross_entropy_loss(
                   ) if label_smoothing else 0.0
   token_xent = -jnp.sum(soft_targets * log_probs, axis=-1) - min_entropy  # [batch, length]
   token_z = z_loss * jnp.square(log_z)  # [batch, length]
-
-  loss_weights = sequence_weights(weights, loss_normalizing_factor)
-  if loss_normalizer is None:
-    loss_normalizer = normalizer(weights, loss_normalizing_factor)
   xent_sum = jnp.sum(token_xent * loss_weights)
   z_sum = jnp.sum(token_z * loss_weights)
-  loss = (xent_sum + z_sum) / loss_normalizer
   correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+  return xent_sum, z_sum, correct
+
+
+def _loss_and_sums(xent_sum: jax.Array, z_sum: jax.Array, correct: jax.Array,
+                   weights: jax.Array, loss_normalizing_factor: LossNormalizer,
+                   loss_normalizer: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The normalised loss and the metric sums of a batch with float32 `weights` [batch, length]."""
+  if loss_normalizer is None:
+    loss_normalizer = normalizer(weights, loss_normalizing_factor)
+  loss = (xent_sum + z_sum) / loss_normalizer
   sums = {
       "cross_ent_loss": xent_sum,
       "z_loss": z_sum,

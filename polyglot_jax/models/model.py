@@ -156,6 +156,9 @@ class BaseTransformerModel(abc.ABC):
               ) -> tuple[Array, dict[str, Array]]:
     """(loss, metric sums): `losses.cross_entropy_loss` plus the routers' auxiliary losses.
 
+    With `config.loss_chunk_size`, the loss is `losses.chunked_cross_entropy_loss` over the
+    decoder's final activations: the [batch, length, vocab] logits never exist whole.
+
     Routed models (MoE, MoV, MoLoRA) add `load_balance_weight * load_balance_loss +
     router_z_loss_weight * router_z_loss`, averaged over routers, to the loss, and report the
     router statistics as token-weighted sums `experts/<name>` (see `losses.summarize`).
@@ -168,12 +171,24 @@ class BaseTransformerModel(abc.ABC):
       global_num_tokens: the global batch's real target tokens under gradient accumulation, so
         each microbatch's auxiliary loss counts in proportion to its tokens; None = this batch.
     """
-    logits, state = self._logits(params, batch, dropout_rng,
-                                 mutable=[routing.STATS_COLLECTION])  # [batch, length, vocab]
-    loss, sums = losses.cross_entropy_loss(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-        z_loss=self._z_loss, label_smoothing=self._label_smoothing,
-        loss_normalizing_factor=self._loss_normalizing_factor, loss_normalizer=loss_normalizer)
+    loss_kwargs = dict(z_loss=self._z_loss, label_smoothing=self._label_smoothing,
+                       loss_normalizing_factor=self._loss_normalizing_factor,
+                       loss_normalizer=loss_normalizer)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    if not self.config.loss_chunk_size:
+      logits, state = self._logits(params, batch, dropout_rng,
+                                   mutable=[routing.STATS_COLLECTION])  # [batch, length, vocab]
+      loss, sums = losses.cross_entropy_loss(logits, targets, weights, **loss_kwargs)
+    else:
+      # The chunked loss projects the sown final activations itself; the logits returned here
+      # are unused, so jit drops their computation.
+      _, state = self._logits(params, batch, dropout_rng,
+                              mutable=[routing.STATS_COLLECTION, "intermediates"])
+      pre_logits = state["intermediates"]["decoder"]["pre_logits"][0]  # [batch, length, embed]
+      project = functools.partial(self.module.apply, {"params": params}, method="logits")
+      loss, sums = losses.chunked_cross_entropy_loss(
+          pre_logits, project, targets, weights, chunk_size=self.config.loss_chunk_size,
+          **loss_kwargs)
     stats = self._router_statistics(state)
     if not stats:
       return loss, sums
