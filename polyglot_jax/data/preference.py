@@ -29,7 +29,7 @@ import functools
 import gzip
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -404,10 +404,11 @@ class EncDecPreferenceConverter(_PairedConverter, seqio.EncDecFeatureConverter):
     return lengths
 
 
-def converter_cls(model_converter_cls: type[seqio.FeatureConverter],
+def converter_cls(model_converter_cls: Callable[..., seqio.FeatureConverter],
                   reference_log_probs: bool = False) -> Any:
-  """The preference converter for a model's `FEATURE_CONVERTER_CLS`, called like it
-  (`converter(pack=...)`): encoder-decoder for seqio's EncDec converter, else decoder-only."""
-  cls = (EncDecPreferenceConverter if issubclass(model_converter_cls, seqio.EncDecFeatureConverter)
-         else DecoderPreferenceConverter)
+  """The preference converter for a model's `FEATURE_CONVERTER_CLS` (a class or a factory such
+  as a partial), called like it (`converter(pack=...)`): encoder-decoder for seqio's EncDec
+  converter, else decoder-only."""
+  encoder_decoder = isinstance(model_converter_cls(pack=False), seqio.EncDecFeatureConverter)
+  cls = EncDecPreferenceConverter if encoder_decoder else DecoderPreferenceConverter
   return functools.partial(cls, reference_log_probs=reference_log_probs)
