@@ -56,7 +56,7 @@ GIN_MODULES = (
     "polyglot_jax.models.config", "polyglot_jax.models.model",
     "polyglot_jax.parallel.partitioning",
     "polyglot_jax.data.pipeline", "polyglot_jax.data.pruning", "polyglot_jax.data.chat",
-    "polyglot_jax.data.tasks",
+    "polyglot_jax.data.chat_tasks",
     "polyglot_jax.training.optimizers", "polyglot_jax.training.schedules",
     "polyglot_jax.training.setup", "polyglot_jax.training.preference",
     "polyglot_jax.training.merging",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
-import gin
 import seqio
 import tensorflow as tf
 
@@ -249,25 +248,6 @@ def register_chat_task(
   chat.check_chat_template(vocabulary)
   features = ("inputs", "targets") if prompts else ("targets",)
   return _register(name, source, _CHAT_CHAINS[strict], features, vocabulary, add_eos=False)
-
-
-@gin.configurable
-def chat_task(
-    name: str = gin.REQUIRED,
-    data: Mapping[str, str | Sequence[str]] = gin.REQUIRED,
-    vocabulary: str = gin.REQUIRED,
-    file_format: str | None = None,
-    field_map: Mapping[str, str] | None = None,
-    default_language: str | None = None,
-    strict: bool = False,
-    prompts: bool = False,
-) -> str:
-  """`register_chat_task` for gin, with the vocabulary's folder (e.g. an imported MODEL_DIR):
-  registers the task and returns its name (`MIXTURE_OR_TASK_NAME = @chat_task()`)."""
-  register_chat_task(name, data, get_vocabulary(vocabulary), file_format=file_format,
-                     field_map=field_map, default_language=default_language, strict=strict,
-                     prompts=prompts)
-  return name
 
 
 @functools.cache
